@@ -1,0 +1,186 @@
+"""The two JAX primitives: scheduler metadata and split-KV decode.
+
+This is the only module that touches ``jax.extend`` and ``jax.interpreters.mlir``. Each primitive
+has an abstract-eval shape rule (which also validates), a CUDA lowering to our XLA FFI target, a
+CPU lowering through pure JAX, and a vmap rule.
+
+The decode primitive returns the split-KV workspace (``o_accum``, ``lse_accum``) as extra outputs
+so that XLA plans all memory; the public function drops them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir, xla
+
+from . import _checks, _ffi
+from .reference import mla_decode_reference
+from .scheduler import METADATA_ROW, schedule_jax
+
+_NOT_MAPPED = None  # batching rules mark an unmapped operand/result with None
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------
+metadata_p = Primitive("jax_flashmla_metadata")
+metadata_p.multiple_results = True
+metadata_p.def_impl(functools.partial(xla.apply_primitive, metadata_p))
+
+
+def _metadata_abstract_eval(cache_seqlens, *, num_sm_parts):
+    b = _checks.check_seqlens(cache_seqlens)
+    return (jax.core.ShapedArray((num_sm_parts, METADATA_ROW), jnp.int32),
+            jax.core.ShapedArray((b + 1,), jnp.int32))
+
+
+metadata_p.def_abstract_eval(_metadata_abstract_eval)
+
+
+def _metadata_cpu(cache_seqlens, *, num_sm_parts):
+    return schedule_jax(cache_seqlens, num_sm_parts)
+
+
+def _metadata_cuda_lowering(ctx, cache_seqlens, *, num_sm_parts):
+    _ffi.ensure_registered()
+    return jax.ffi.ffi_lowering(_ffi.METADATA_TARGET)(
+        ctx, cache_seqlens, num_sm_parts=np.int64(num_sm_parts))
+
+
+mlir.register_lowering(metadata_p, mlir.lower_fun(_metadata_cpu, multiple_results=True),
+                       platform="cpu")
+mlir.register_lowering(metadata_p, _metadata_cuda_lowering, platform="cuda")
+
+
+def _metadata_batch(args, dims, *, num_sm_parts):
+    # Each vmapped element has its own batch of requests: compute one schedule per element.
+    (seqlens,), (dim,) = args, dims
+    seqlens = jnp.moveaxis(seqlens, dim, 0)
+    md, ns = jax.lax.map(lambda s: metadata_p.bind(s, num_sm_parts=num_sm_parts), seqlens)
+    return (md, ns), (0, 0)
+
+
+batching.primitive_batchers[metadata_p] = _metadata_batch
+
+
+def bind_metadata(cache_seqlens, num_sm_parts: int):
+    md, ns = metadata_p.bind(cache_seqlens, num_sm_parts=int(num_sm_parts))
+    return md, ns
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------
+decode_p = Primitive("jax_flashmla_decode")
+decode_p.multiple_results = True
+decode_p.def_impl(functools.partial(xla.apply_primitive, decode_p))
+
+
+def workspace_shapes(b, h_kv, q_seq_per_hk, num_sm_parts, head_dim_v):
+    """Split-KV partials: one slot per piece; at most b + num_sm_parts - 1 pieces exist."""
+    slots = b + num_sm_parts
+    return (slots, h_kv, q_seq_per_hk, head_dim_v), (slots, h_kv, q_seq_per_hk)
+
+
+def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *,
+                          softmax_scale, causal, head_dim_v):
+    s = _checks.check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_md,
+                             num_splits, softmax_scale)
+    o_ws, lse_ws = workspace_shapes(s["b"], s["h_kv"], s["q_seq_per_hk"], s["num_sm_parts"],
+                                    int(head_dim_v))
+    return (jax.core.ShapedArray((s["b"], s["s_q"], s["h_q"], int(head_dim_v)), q.dtype),
+            jax.core.ShapedArray((s["b"], s["h_q"], s["s_q"]), jnp.float32),
+            jax.core.ShapedArray(o_ws, jnp.float32),
+            jax.core.ShapedArray(lse_ws, jnp.float32))
+
+
+decode_p.def_abstract_eval(_decode_abstract_eval)
+
+
+def _decode_cpu_lowering(ctx, *args, **params):
+    # Workspace outputs are never read on CPU; zeros keep the output signature.
+    _, _, o_aval, lse_aval = ctx.avals_out
+
+    def fn(*a):
+        out, lse = mla_decode_reference(a[0], a[1], a[2], a[3], int(params["head_dim_v"]),
+                                        float(params["softmax_scale"]), bool(params["causal"]))
+        return (out, lse, jnp.zeros(o_aval.shape, jnp.float32),
+                jnp.zeros(lse_aval.shape, jnp.float32))
+
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+
+def _decode_cuda_lowering(ctx, *args, softmax_scale, causal, head_dim_v):
+    _ffi.ensure_registered()
+    return jax.ffi.ffi_lowering(_ffi.DECODE_TARGET)(
+        ctx, *args, softmax_scale=np.float32(softmax_scale), causal=bool(causal),
+        head_dim_v=np.int64(head_dim_v))
+
+
+mlir.register_lowering(decode_p, _decode_cpu_lowering, platform="cpu")
+mlir.register_lowering(decode_p, _decode_cuda_lowering, platform="cuda")
+
+
+def _decode_batch(args, dims, *, softmax_scale, causal, head_dim_v):
+    """vmap: fold the mapped axis into the request batch.
+
+    The result of a decode does not depend on *how* work is scheduled, only on the inputs, so the
+    mapped call can run as one decode over ``B * b`` requests with metadata recomputed for the
+    folded batch (the passed metadata is then unused). A mapped ``k_cache`` (one page pool per
+    element) folds too: pools are concatenated and block ids offset. If the folded batch is larger
+    than the scheduler supports, fall back to a sequential ``lax.map``.
+    """
+    q, k_cache, block_table, seqlens, tile_md, num_splits = args
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
+
+    def at0(x, d):
+        return (jnp.broadcast_to(x, (size, *x.shape)) if d is _NOT_MAPPED
+                else jnp.moveaxis(x, d, 0))
+
+    q_b, bt_b, sl_b = at0(q, dims[0]), at0(block_table, dims[2]), at0(seqlens, dims[3])
+    B, b = q_b.shape[0], q_b.shape[1]
+    num_sm_parts = tile_md.shape[-2]
+    params = dict(softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v)
+
+    if B * b > _checks.MAX_BATCH:
+        kc_b = at0(k_cache, dims[1])
+        md_b, ns_b = at0(tile_md, dims[4]), at0(num_splits, dims[5])
+        outs = jax.lax.map(lambda a: tuple(decode_p.bind(*a, **params)),
+                           (q_b, kc_b, bt_b, sl_b, md_b, ns_b))
+        return outs, (0, 0, 0, 0)
+
+    if dims[1] is _NOT_MAPPED:
+        kc = k_cache
+    else:
+        kc_b = jnp.moveaxis(k_cache, dims[1], 0)
+        nb = kc_b.shape[1]
+        kc = kc_b.reshape(B * nb, *kc_b.shape[2:])
+        # Offset only valid ids; invalid ones (e.g. past the end) stay invalid.
+        offs = (jnp.arange(B, dtype=jnp.int32) * nb)[:, None, None]
+        bt_b = jnp.where((bt_b >= 0) & (bt_b < nb), bt_b + offs, jnp.int32(-1))
+    q_f = q_b.reshape(B * b, *q_b.shape[2:])
+    bt_f = bt_b.reshape(B * b, bt_b.shape[2])
+    sl_f = sl_b.reshape(B * b)
+    md_f, ns_f = metadata_p.bind(sl_f, num_sm_parts=num_sm_parts)
+    out, lse, o_acc, lse_acc = decode_p.bind(q_f, kc, bt_f, sl_f, md_f, ns_f, **params)
+    out = out.reshape(B, b, *out.shape[1:])
+    lse = lse.reshape(B, b, *lse.shape[1:])
+    # Workspace outputs are internal (dropped by the public API); hand back an unmapped slice of
+    # the right per-element shape.
+    slots = b + num_sm_parts
+    return (out, lse, o_acc[:slots], lse_acc[:slots]), (0, 0, _NOT_MAPPED,
+                                                        _NOT_MAPPED)
+
+
+batching.primitive_batchers[decode_p] = _decode_batch
+
+
+def bind_decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *, softmax_scale,
+                causal, head_dim_v):
+    return decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_md, num_splits,
+                         softmax_scale=np.float32(softmax_scale), causal=bool(causal),
+                         head_dim_v=int(head_dim_v))

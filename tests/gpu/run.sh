@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
+#   tests/gpu/run.sh [build] [test] [sanitize] [graphs] [bench] [bench-quick]   (default: all)
+# Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/jfm_out}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize graphs bench)
+want() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader \
+  | tee "$OUT/gpu.txt"
+
+if want build; then
+  t0=$(date +%s)
+  if python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; then
+    note "build: ok ($(( $(date +%s) - t0 )) s)"
+  else
+    tail -40 "$OUT/build.log"; note "build: FAILED"; cat "$SUMMARY"; exit 1
+  fi
+  grep -E "spill|registers" "$OUT/build.log" | sort -u | head -8
+  python3 -c "import jax, jax_flashmla as f; print('jax', jax.__version__, f.build_info(), jax.devices())"
+fi
+
+if want test; then
+  python3 -m pytest tests/gpu -m gpu -q -x --tb=short -p no:cacheprovider --durations=5 \
+    > "$OUT/pytest_gpu.log" 2>&1
+  rc=$?
+  tail -25 "$OUT/pytest_gpu.log"
+  note "gpu tests: rc=$rc $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/pytest_gpu.log" | tail -1)"
+fi
+
+if want sanitize; then
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    timeout 480 compute-sanitizer --tool memcheck --error-exitcode 3 --kernel-name kns=jfm \
+    python3 tests/gpu/sanitize_cases.py > "$OUT/sanitize.log" 2>&1
+  rc=$?
+  tail -12 "$OUT/sanitize.log"
+  note "memcheck: rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitize.log" | tail -1) $(grep -c SANITIZE_OK "$OUT/sanitize.log") ok-lines"
+fi
+
+if want graphs; then
+  for b in 1 8; do
+    on=$(XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 python3 tests/gpu/graph_replay.py "$OUT/g_on.npz" $b 1024 --time 2>&1 | grep STEP_TIME)
+    off=$(XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 tests/gpu/graph_replay.py "$OUT/g_off.npz" $b 1024 --time 2>&1 | grep STEP_TIME)
+    note "cuda graphs b=$b s_k=1024 (2 layers, h_q=128, s_q=2): on: ${on#STEP_TIME_US } us | off: ${off#STEP_TIME_US } us"
+  done
+fi
+
+if want bench || want bench-quick; then
+  extra=(); want bench-quick && extra=(--quick)
+  python3 -m jax_flashmla.bench --json "$OUT/bench.json" "${extra[@]}" > "$OUT/bench.log" 2>&1
+  note "bench: rc=$?"
+  tail -32 "$OUT/bench.log"
+fi
+
+echo "================ summary ================"
+cat "$SUMMARY"
