@@ -48,7 +48,8 @@ def build_tables(rng, subcases, s_q):
     for t in tables:
         table[row:row + t.shape[0], :t.shape[1]] = t
         row += t.shape[0]
-    valid = np.zeros((pages, PAGE_SIZE), bool)
+    # Pool rounded up to whole generation chunks; the extra pages are unused (NaN) pages.
+    valid = np.zeros((_roundup(pages, _POOL_CHUNK), PAGE_SIZE), bool)
     for i, n in enumerate(seqlens):
         needed = -(-int(n) // PAGE_SIZE)
         ids = table[i, :needed]
@@ -64,11 +65,22 @@ def _random_half(key, shape, dtype):
     return jnp.clip(x, -1, 1).astype(dtype)
 
 
+_POOL_CHUNK = 256  # pages generated per step: keeps the random-bits intermediate small
+
+
 @functools.partial(jax.jit, static_argnames=("h_kv", "dtype"))
 def _poisoned_pool(key, valid, h_kv, dtype):
-    shape = (valid.shape[0], PAGE_SIZE, h_kv, HEAD_DIM_QK)
-    x = jnp.clip(jax.random.normal(key, shape, dtype) / 10, -1, 1)
-    return jnp.where(valid[:, :, None, None], x, jnp.asarray(jnp.nan, dtype))
+    """randn/10 clipped pages in chunks (a single draw of a multi-GB pool needs 2x that in bits)."""
+    chunks = valid.shape[0] // _POOL_CHUNK
+    shape = (_POOL_CHUNK, PAGE_SIZE, h_kv, HEAD_DIM_QK)
+
+    def chunk(args):
+        i, ok = args
+        x = jnp.clip(jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) / 10, -1, 1)
+        return jnp.where(ok[:, :, None, None], x, jnp.nan).astype(dtype)
+
+    pool = jax.lax.map(chunk, (jnp.arange(chunks), valid.reshape(chunks, _POOL_CHUNK, PAGE_SIZE)))
+    return pool.reshape(chunks * _POOL_CHUNK, PAGE_SIZE, h_kv, HEAD_DIM_QK)
 
 
 def make_merged(seed, subcases, s_q, h_q, h_kv, dtype):
