@@ -4,6 +4,8 @@
 // safe to capture into XLA command buffers (CUDA graphs).
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "kernels/mla.h"
@@ -49,6 +51,17 @@ ffi::Error ensure_decode_prepared(jfm::ElemType t) {
   }
   flag.store(true, std::memory_order_release);
   return ffi::Error::Success();
+}
+
+// Decode back end: wgmma (default) or mma.sync, overridable for comparisons with the environment
+// variable JAX_FLASHMLA_DECODE_KERNEL=mma|wgmma (read once; a host-side constant, capture-safe).
+jfm::DecodeVariant decode_variant() {
+  static const jfm::DecodeVariant v = [] {
+    const char* env = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
+    return env && std::strcmp(env, "mma") == 0 ? jfm::DecodeVariant::kMmaSync
+                                               : jfm::DecodeVariant::kWgmma;
+  }();
+  return v;
 }
 
 ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> seqlens,
@@ -139,7 +152,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.scale_log2 = softmax_scale * 1.44269504088896340736f;
   p.causal = causal && s_q > 1;
 
-  if (cudaError_t err = jfm::launch_decode(p, et, stream); err != cudaSuccess) {
+  if (cudaError_t err = jfm::launch_decode(p, et, decode_variant(), stream); err != cudaSuccess) {
     return cuda_error("decode launch", err);
   }
   if (cudaError_t err = jfm::launch_combine(p, et, stream); err != cudaSuccess) {

@@ -27,17 +27,18 @@ __global__ void __launch_bounds__(kWarps * 32) combine_kernel(const __grid_const
   const int last = min(p.num_splits[req + 1], num_slots);
   if (last - first <= 1) return;  // unsplit: the decode kernel wrote out/lse directly
 
-  auto lse_at = [&](int slot) {
-    return p.lse_accum[((int64_t)slot * p.h_kv + kvh) * p.q_rows + row];
-  };
+  // Piece s of this row lives at lse_accum[s * slot_stride + row_offset] (same for o_accum x 512).
+  const int64_t slot_stride = (int64_t)p.h_kv * p.q_rows;
+  const int64_t row_offset = (int64_t)kvh * p.q_rows + row;
+  const float* lse_row = p.lse_accum + row_offset;
   float mx = -INFINITY;
-  for (int s = first + lane; s < last; s += 32) mx = fmaxf(mx, lse_at(s));
+  for (int s = first + lane; s < last; s += 32) mx = fmaxf(mx, lse_row[s * slot_stride]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
   const bool empty = mx == -INFINITY;
   const float m = empty ? 0.f : mx;
   float sum = 0.f;
-  for (int s = first + lane; s < last; s += 32) sum += exp2f(lse_at(s) - m);
+  for (int s = first + lane; s < last; s += 32) sum += exp2f(lse_row[s * slot_stride] - m);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   const float global_lse = (empty || !(sum > 0.f)) ? INFINITY : log2f(sum) + m;
@@ -48,9 +49,9 @@ __global__ void __launch_bounds__(kWarps * 32) combine_kernel(const __grid_const
   for (int i = 0; i < 16; ++i) acc[i] = 0.f;
   if (global_lse != INFINITY) {
     for (int s = first; s < last; ++s) {
-      const float w = exp2f(lse_at(s) - global_lse);
+      const float w = exp2f(lse_row[s * slot_stride] - global_lse);
       const float4* src = reinterpret_cast<const float4*>(
-          p.o_accum + (((int64_t)s * p.h_kv + kvh) * p.q_rows + row) * kHeadDimV);
+          p.o_accum + (s * slot_stride + row_offset) * kHeadDimV);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float4 v = src[lane + 32 * i];

@@ -1,11 +1,14 @@
-// Split-KV MLA decode, sm_90a, first (correctness-first) design.
+// Split-KV MLA decode, sm_90a.
 //
-// Grid (m_blocks, h_kv, num_parts); 256 threads = 8 warps. A CTA walks the requests of its
-// scheduler part (one 64-row m-block of one KV head) and, per 64-token KV page:
-//   S = Q K^T   warp (rg, ch) computes rows rg*16..+15 x keys ch*32..+31   (mma.sync m16n8k16)
-//   online softmax in log2 units; the two warps of a row group exchange row maxima in smem
-//   O += P V    warp (rg, ch) owns O rows rg*16..+15 x dims ch*256..+255 (128 fp32 regs/thread)
-// K and V are the same smem tile (V = first 512 channels, read with ldmatrix.trans).
+// Grid (m_blocks, h_kv, num_parts); 256 threads = 8 warps = 2 warpgroups. A CTA walks the
+// requests of its scheduler part (one 64-row m-block of one KV head) and, per 64-token KV page:
+//   S = Q K^T   warpgroup ch computes keys ch*32..+31 for all 64 rows; warp rg of it owns rows
+//               rg*16..+15 (the accumulator layout of mma.sync m16n8 and of wgmma m64nN agree)
+//   online softmax in log2 units; warp rg of each warpgroup exchange row maxima through smem
+//   O += P V    warpgroup ch owns dims ch*256..+255 of O (128 fp32 regs/thread)
+// Two MMA back ends share everything else: kWgmma = false uses per-warp mma.sync + ldmatrix
+// (v1); kWgmma = true uses wgmma with operands read straight from smem (v2).
+// K and V are the same smem tile (V = the first 512 channels; an MN-major view for PV).
 // Pages are loaded with cp.async, double buffered; tokens at or past seqlen, and pages whose id
 // is out of range, are zero-filled instead of read, so NaN/garbage never enters the arithmetic and
 // nothing outside the cache is touched. Masked logits are *selected* to -inf.
@@ -13,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/mla.h"
+#include "kernels/wgmma_ops.cuh"
 
 namespace jfm {
 namespace {
@@ -20,8 +24,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kChunksPerRow = kHeadDimQK / 8;             // 16-byte chunks in a 576-wide row
 constexpr int kTileElems = kBlockM * kHeadDimQK;          // 64 x 576 (Q tile and K tile)
-constexpr int kSmemBytes = (3 * kTileElems + kBlockM * kPageSize) * 2   // sQ, sK[2], sP
-                           + 2 * 2 * kBlockM * (int)sizeof(float);       // row max / row sum
+constexpr int kColBlockBytes = kBlockM * 128;  // one 64-row x 64-column bf16 block, SW128
+constexpr int kSmemAlign = 1024;               // 128B-swizzle atoms must be 1024-byte aligned
 constexpr float kLn2 = 0.69314718055994530942f;
 constexpr float kMaxInit = -1e30f;  // finite: exp2(m_old - m_new) never sees inf - inf
 
@@ -39,6 +43,12 @@ template <> struct MmaOp<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
+  static __device__ __forceinline__ void qk(float (&d)[16], uint64_t a, uint64_t b, int acc) {
+    wgmma_m64n32k16_bf16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[128], uint64_t a, uint64_t b) {
+    wgmma_m64n256k16_bf16_tnsp_b(d, a, b, 1);
+  }
 };
 template <> struct MmaOp<__half> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -52,6 +62,12 @@ template <> struct MmaOp<__half> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void qk(float (&d)[16], uint64_t a, uint64_t b, int acc) {
+    wgmma_m64n32k16_f16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[128], uint64_t a, uint64_t b) {
+    wgmma_m64n256k16_f16_tnsp_b(d, a, b, 1);
   }
 };
 
@@ -83,16 +99,43 @@ __device__ __forceinline__ void pair_sync(int row_group) {
   asm volatile("bar.sync %0, 64;\n" :: "r"(row_group + 1));
 }
 
-// Swizzled element offset in a [rows x 576] tile: XOR the 16-byte chunk with row % 8 so that the
-// 8 rows an ldmatrix reads hit 8 different bank groups (a 1152-byte row is 0 mod 128 bytes).
+// Element offset of 16-byte chunk `chunk` (0..71) of `row` in a [64 x 576] tile stored as nine
+// [64 x 64] column blocks, each in the 128-byte-swizzle K-major layout that wgmma descriptors
+// and TMA use: the chunk index within a 128-byte row is XOR-ed with row % 8. The same layout keeps
+// ldmatrix bank-conflict free (the 8 rows of one 8x8 matrix land in 8 different bank groups).
 __device__ __forceinline__ int tile_offset(int row, int chunk) {
-  return row * kHeadDimQK + ((chunk ^ (row & 7)) << 3);
+  return (chunk >> 3) * (kColBlockBytes / 2) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
-// Same for the [64 x 64] P tile (8 chunks per row).
-__device__ __forceinline__ int p_offset(int row, int chunk) {
-  return row * kPageSize + ((chunk ^ (row & 7)) << 3);
+// The [64 x 64] P tile is one such column block.
+__device__ __forceinline__ int p_offset(int row, int chunk) { return tile_offset(row, chunk); }
+
+// wgmma shared-memory matrix descriptor for a 128-byte-swizzled operand.
+// K-major: SBO = 1024 B between 8-row groups (LBO unused). MN-major: LBO = stride between
+// 64-element MN blocks, SBO = 1024 B between 8-row K groups.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
+         ((uint64_t)(sbo >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Pins accumulator registers at this point: the compiler must not move their reads or writes
+// across the asynchronous wgmma issue / wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// Makes this thread's generic-proxy smem writes (cp.async, st.shared) visible to wgmma.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// Every tile is a multiple of 1024 bytes, so an aligned base keeps all of them aligned.
 template <typename T>
 struct Smem {
   T q[kTileElems];
@@ -101,7 +144,8 @@ struct Smem {
   float row_max[2][kBlockM];
   float row_sum[2][kBlockM];
 };
-static_assert(sizeof(Smem<__nv_bfloat16>) == kSmemBytes, "smem plan");
+constexpr int kSmemBytes = (int)sizeof(Smem<__nv_bfloat16>) + kSmemAlign;  // + alignment slack
+static_assert(kSmemBytes <= 232448, "exceeds the sm_90 per-block opt-in shared memory");
 
 // Loads the 64 folded query rows of (request, kv head, m-block); rows past q_rows are zeros.
 template <typename T>
@@ -140,17 +184,19 @@ __device__ __forceinline__ void load_kv(const DecodeParams& p, T* sk, int req, i
   }
 }
 
-template <typename T>
+template <typename T, bool kWgmma>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw);
+  const uint32_t misalign = smem_addr(smem_raw) & (kSmemAlign - 1);
+  Smem<T>& sm = *reinterpret_cast<Smem<T>*>(smem_raw + (misalign ? kSmemAlign - misalign : 0));
 
   const int mb = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rg = warp & 3, ch = warp >> 2;
   const int m0 = mb * kBlockM;
   const int rows_here = min(kBlockM, p.q_rows - m0);
-  const bool warp_active = rg * 16 < rows_here;  // warp-uniform: skip all-padding row groups
+  // mma.sync warps whose 16 rows are all padding skip their MMAs; a warpgroup always runs.
+  const bool warp_active = kWgmma || rg * 16 < rows_here;
 
   const int32_t* md = p.tile_md + (int64_t)part * kMetadataRow;
   const int begin_req = md[0];
@@ -200,6 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       } else {
         cp_async_wait<0>();
       }
+      if (kWgmma) fence_proxy_async();
       __syncthreads();
       const T* sk = sm.k[buf];
 
@@ -210,17 +257,33 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
         const int mi = lane / 8, r8 = lane % 8;
         const int a_row = rg * 16 + (mi & 1) * 8 + r8;
-#pragma unroll 4
-        for (int kk = 0; kk < kHeadDimQK / 16; ++kk) {
-          uint32_t a[4];
-          ldmatrix_x4(a, smem_addr(sm.q + tile_offset(a_row, 2 * kk + (mi >> 1))));
+        if constexpr (kWgmma) {
+          float (&sf)[16] = reinterpret_cast<float(&)[16]>(s);
+          const uint32_t q_base = smem_addr(sm.q), k_base = smem_addr(sk) + ch * 32 * 128;
+          fence_regs(sf);
+          wgmma_fence();
 #pragma unroll
-          for (int nt = 0; nt < 4; nt += 2) {
-            uint32_t b[4];
-            const int key = ch * 32 + (nt + (mi >> 1)) * 8 + r8;
-            ldmatrix_x4(b, smem_addr(sk + tile_offset(key, 2 * kk + (mi & 1))));
-            MmaOp<T>::run(s[nt], a, b[0], b[1]);
-            MmaOp<T>::run(s[nt + 1], a, b[2], b[3]);
+          for (int kk = 0; kk < kHeadDimQK / 16; ++kk) {
+            const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
+            MmaOp<T>::qk(sf, smem_desc(q_base + off, 16, 1024), smem_desc(k_base + off, 16, 1024),
+                         1);
+          }
+          wgmma_commit();
+          wgmma_wait_all();
+          fence_regs(sf);
+        } else {
+#pragma unroll 4
+          for (int kk = 0; kk < kHeadDimQK / 16; ++kk) {
+            uint32_t a[4];
+            ldmatrix_x4(a, smem_addr(sm.q + tile_offset(a_row, 2 * kk + (mi >> 1))));
+#pragma unroll
+            for (int nt = 0; nt < 4; nt += 2) {
+              uint32_t b[4];
+              const int key = ch * 32 + (nt + (mi >> 1)) * 8 + r8;
+              ldmatrix_x4(b, smem_addr(sk + tile_offset(key, 2 * kk + (mi & 1))));
+              MmaOp<T>::run(s[nt], a, b[0], b[1]);
+              MmaOp<T>::run(s[nt + 1], a, b[2], b[3]);
+            }
           }
         }
 
@@ -280,20 +343,41 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
           o[j][2] *= alpha_hi;
           o[j][3] *= alpha_hi;
         }
-        pair_sync(rg);
+        if constexpr (kWgmma) {
+          fence_proxy_async();  // P feeds wgmma, and each warpgroup reads all 64 rows of it
+          asm volatile("bar.sync 5, %0;\n" :: "n"(kThreads));
+        } else {
+          pair_sync(rg);  // a warp reads only its own 16 rows of P, written by its pair
+        }
 
         // ---- O += P V for dims ch*256.. ---------------------------------------------------
+        if constexpr (kWgmma) {
+          float (&of)[128] = reinterpret_cast<float(&)[128]>(o);
+          const uint32_t p_base = smem_addr(sm.p);
+          const uint32_t v_base = smem_addr(sk) + ch * 4 * kColBlockBytes;
+          fence_regs(of);
+          wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < kPageSize / 16; ++ks) {
-          uint32_t a[4];
-          ldmatrix_x4(a, smem_addr(sm.p + p_offset(a_row, 2 * ks + (mi >> 1))));
-          const int key = ks * 16 + (mi & 1) * 8 + r8;
+          for (int ks = 0; ks < kPageSize / 16; ++ks) {
+            MmaOp<T>::pv(of, smem_desc(p_base + ks * 32, 16, 1024),
+                         smem_desc(v_base + ks * 16 * 128, kColBlockBytes, 1024));
+          }
+          wgmma_commit();
+          wgmma_wait_all();
+          fence_regs(of);
+        } else {
 #pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, smem_addr(sk + tile_offset(key, ch * 32 + 2 * j + (mi >> 1))));
-            MmaOp<T>::run(o[2 * j], a, b[0], b[1]);
-            MmaOp<T>::run(o[2 * j + 1], a, b[2], b[3]);
+          for (int ks = 0; ks < kPageSize / 16; ++ks) {
+            uint32_t a[4];
+            ldmatrix_x4(a, smem_addr(sm.p + p_offset(a_row, 2 * ks + (mi >> 1))));
+            const int key = ks * 16 + (mi & 1) * 8 + r8;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              uint32_t b[4];
+              ldmatrix_x4_trans(b, smem_addr(sk + tile_offset(key, ch * 32 + 2 * j + (mi >> 1))));
+              MmaOp<T>::run(o[2 * j], a, b[0], b[1]);
+              MmaOp<T>::run(o[2 * j + 1], a, b[2], b[3]);
+            }
           }
         }
       }
@@ -367,14 +451,21 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 
 template <typename T>
 cudaError_t set_smem_attr() {
-  return cudaFuncSetAttribute(decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              kSmemBytes);
+  cudaError_t err = cudaFuncSetAttribute(decode_kernel<T, false>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (err != cudaSuccess) return err;
+  return cudaFuncSetAttribute(decode_kernel<T, true>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
 }
 
 template <typename T>
-cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch(const DecodeParams& p, DecodeVariant v, cudaStream_t stream) {
   const dim3 grid((p.q_rows + kBlockM - 1) / kBlockM, p.h_kv, p.num_parts);
-  decode_kernel<T><<<grid, kThreads, kSmemBytes, stream>>>(p);
+  if (v == DecodeVariant::kWgmma) {
+    decode_kernel<T, true><<<grid, kThreads, kSmemBytes, stream>>>(p);
+  } else {
+    decode_kernel<T, false><<<grid, kThreads, kSmemBytes, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -384,8 +475,10 @@ cudaError_t prepare_decode(ElemType t) {
   return t == ElemType::kBF16 ? set_smem_attr<__nv_bfloat16>() : set_smem_attr<__half>();
 }
 
-cudaError_t launch_decode(const DecodeParams& p, ElemType t, cudaStream_t stream) {
-  return t == ElemType::kBF16 ? launch<__nv_bfloat16>(p, stream) : launch<__half>(p, stream);
+cudaError_t launch_decode(const DecodeParams& p, ElemType t, DecodeVariant v,
+                          cudaStream_t stream) {
+  return t == ElemType::kBF16 ? launch<__nv_bfloat16>(p, v, stream)
+                              : launch<__half>(p, v, stream);
 }
 
 }  // namespace jfm

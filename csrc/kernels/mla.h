@@ -16,6 +16,9 @@ constexpr int kMaxBatch = 32768;      // scheduler stages seqlens in shared memo
 
 enum class ElemType { kBF16, kFP16 };
 
+// Decode kernel back end: per-warp mma.sync (v1) or warpgroup wgmma (v2).
+enum class DecodeVariant { kMmaSync, kWgmma };
+
 // One decode call. All tensors are dense row-major, as XLA hands them over.
 struct DecodeParams {
   const void* q;            // [b, s_q, h_q, 576]
@@ -41,7 +44,8 @@ cudaError_t launch_scheduler(const int32_t* seqlens, int b, int parts, int32_t* 
 cudaError_t prepare_decode(ElemType t);
 
 // Split-KV decode: unsplit requests write out/lse, split pieces write o_accum/lse_accum.
-cudaError_t launch_decode(const DecodeParams& p, ElemType t, cudaStream_t stream);
+cudaError_t launch_decode(const DecodeParams& p, ElemType t, DecodeVariant v,
+                          cudaStream_t stream);
 
 // Merges split pieces into out/lse.
 cudaError_t launch_combine(const DecodeParams& p, ElemType t, cudaStream_t stream);

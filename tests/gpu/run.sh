@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
-#   tests/gpu/run.sh [build] [test] [sanitize] [graphs] [bench] [bench-quick]   (default: all)
+#   tests/gpu/run.sh [build] [test] [sanitize] [graphs] [bench] [bench-quick] [bench-mma]
+#   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,6 +31,11 @@ if want build; then
     tail -40 "$OUT/build.log"; note "build: FAILED"; cat "$SUMMARY"; exit 1
   fi
   grep -E "spill|registers" "$OUT/build.log" | sort -u | head -8
+  lib=$(find build -name "libjfm_kernels.a" | head -1)
+  if [ -n "$lib" ] && command -v cuobjdump >/dev/null; then
+    cuobjdump -sass "$lib" > "$OUT/kernels.sass" 2>/dev/null
+    note "sass: HGMMA=$(grep -c HGMMA "$OUT/kernels.sass") HMMA=$(grep -c ' HMMA' "$OUT/kernels.sass") local-mem LDL/STL=$(grep -c -E 'LDL|STL' "$OUT/kernels.sass")"
+  fi
   python3 -c "import jax, jax_flashmla as f; print('jax', jax.__version__, f.build_info(), jax.devices())"
 fi
 
@@ -67,6 +73,13 @@ if want bench || want bench-quick; then
   python3 -m jax_flashmla.bench --json "$OUT/bench.json" "${extra[@]}" > "$OUT/bench.log" 2>&1
   note "bench: rc=$?"
   tail -32 "$OUT/bench.log"
+fi
+
+if want bench-mma; then  # the v1 (mma.sync) kernel on the same grid, for comparison
+  JAX_FLASHMLA_DECODE_KERNEL=mma python3 -m jax_flashmla.bench --no-naive \
+    --json "$OUT/bench_mma.json" > "$OUT/bench_mma.log" 2>&1
+  note "bench (mma.sync kernel): rc=$?"
+  tail -26 "$OUT/bench_mma.log"
 fi
 
 echo "================ summary ================"
