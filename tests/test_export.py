@@ -8,6 +8,7 @@ back. tests/gpu/test_serving_gpu.py reuses these helpers for a ``cuda`` artifact
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -124,10 +125,9 @@ def run_in_fresh_process(blob: bytes, args, workdir, *, env=None, timeout=300):
 
 
 def _child_main(blob_path, in_path, out_path):
-    import jax_flashmla.export as fx_child   # noqa: F401  (registers targets and pytrees)
-
+    # This process imported jax_flashmla and its export module (above) and nothing else ran.
     with open(blob_path, "rb") as f:
-        exported = fx_child.deserialize(f.read())
+        exported = fx.deserialize(f.read())     # registers our CUDA targets if present
     with open(in_path, "rb") as f:
         leaves = pickle.load(f)
     args, kwargs = jax.tree.unflatten(exported.in_tree, [jnp.asarray(x) for x in leaves])
@@ -135,14 +135,14 @@ def _child_main(blob_path, in_path, out_path):
     outs = compiled(*args, **kwargs)
     hlo = compiled.as_text()
     info = {"backend": jax.default_backend(),
-            "targets": [t for t in fx_child.CUSTOM_CALL_TARGETS if t in hlo]}
+            "targets": [t for t in fx.CUSTOM_CALL_TARGETS if t in hlo]}
     with open(out_path, "wb") as f:
         pickle.dump(([np.asarray(x) for x in jax.tree.leaves(outs)], info), f)
 
 
 # ------------------------------------------------------------------------------------------------
 needs_flatbuffers = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("flatbuffers") is None,
+    importlib.util.find_spec("flatbuffers") is None,
     reason="jax.export serialization needs the 'flatbuffers' package (pip install flatbuffers)")
 needs_extension = pytest.mark.skipif(
     not fm.is_built_with_cuda(),

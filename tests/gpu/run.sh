@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
-#   tests/gpu/run.sh [build] [test] [sanitize] [graphs] [bench] [bench-quick] [bench-mma]
+#   tests/gpu/run.sh [build] [test] [sanitize] [graphs] [example] [multi] [bench] [bench-quick]
+#                    [bench-mma]
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
 set -uo pipefail
@@ -66,6 +67,18 @@ if want graphs; then
     off=$(XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 tests/gpu/graph_replay.py "$OUT/g_off.npz" $b 1024 --time 2>&1 | grep STEP_TIME)
     note "cuda graphs b=$b s_k=1024 (2 layers, h_q=128, s_q=2): on: ${on#STEP_TIME_US } us | off: ${off#STEP_TIME_US } us"
   done
+fi
+
+if want example; then  # a small DeepSeek-style decoder generating with one jitted step per token
+  python3 examples/decode_loop.py --layers 8 --dim 2048 --heads 16 --batch 64 --max-prompt 1024 \
+    --new-tokens 128 > "$OUT/example.log" 2>&1
+  note "example: rc=$? $(grep -E 'attention:|tokens/s' "$OUT/example.log" | tr '\n' ' ')"
+fi
+
+if want multi; then  # on nvidia-h200-x2: data- and head-parallel decode on 2 real GPUs
+  python3 tests/gpu/multi_gpu_check.py > "$OUT/multi_gpu.log" 2>&1
+  note "multi-gpu: rc=$? $(grep -E 'MULTI_GPU_(OK|FAIL)' "$OUT/multi_gpu.log" | tail -1)"
+  tail -30 "$OUT/multi_gpu.log"
 fi
 
 if want bench || want bench-quick; then
