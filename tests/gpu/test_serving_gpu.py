@@ -66,11 +66,13 @@ def _donation_inputs(seed=0):
     alloc.free("filler")
     slots = np.concatenate(alloc.allocate_batch(ids, [1] * len(ids)))
     keys = jax.random.split(jax.random.PRNGKey(seed), N_LAYERS + 1)
-    caches = tuple(PagedMLACache((jax.random.normal(k, (NUM_PAGES, 64, 1, 576)) / 4)
+    # FlashMLA's data scale (randn / 10), which its tolerances (OUT_TOL) are calibrated for: with
+    # larger values the bf16 rounding of P alone (in FlashMLA too) exceeds 8e-4 absolute.
+    caches = tuple(PagedMLACache((jax.random.normal(k, (NUM_PAGES, 64, 1, 576)) / 10)
                                  .astype(jnp.bfloat16)) for k in keys[:N_LAYERS])
-    q = (jax.random.normal(keys[-1], (N_LAYERS, len(ids), 1, H_Q, 576)) / 4).astype(jnp.bfloat16)
-    latent = jnp.asarray(rng.standard_normal((N_LAYERS, len(ids), 512)), jnp.float32)
-    rope = jnp.asarray(rng.standard_normal((N_LAYERS, len(ids), 64)), jnp.float32)
+    q = (jax.random.normal(keys[-1], (N_LAYERS, len(ids), 1, H_Q, 576)) / 10).astype(jnp.bfloat16)
+    latent = jnp.asarray(rng.standard_normal((N_LAYERS, len(ids), 512)) / 10, jnp.float32)
+    rope = jnp.asarray(rng.standard_normal((N_LAYERS, len(ids), 64)) / 10, jnp.float32)
     return (caches, q, latent, rope, jnp.asarray(slots),
             jnp.asarray(alloc.block_table(ids, 64)), jnp.asarray(alloc.cache_seqlens(ids)))
 
