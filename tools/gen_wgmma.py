@@ -39,6 +39,7 @@ def main():
     body = [HEADER]
     for ptx_type, suffix in (("bf16", "bf16"), ("f16", "f16")):
         body.append(wrapper(f"wgmma_m64n32k16_{suffix}", 32, ptx_type, 0))
+        body.append(wrapper(f"wgmma_m64n64k16_{suffix}", 64, ptx_type, 0))
         body.append(wrapper(f"wgmma_m64n256k16_{suffix}_tnsp_b", 256, ptx_type, 1))
     body.append("\n}  // namespace jfm\n")
     out = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "kernels" / "wgmma_ops.cuh"

@@ -53,15 +53,22 @@ ffi::Error ensure_decode_prepared(jfm::ElemType t) {
   return ffi::Error::Success();
 }
 
-// Decode back end: wgmma (default) or mma.sync, overridable for comparisons with the environment
-// variable JAX_FLASHMLA_DECODE_KERNEL=mma|wgmma (read once; a host-side constant, capture-safe).
-jfm::DecodeVariant decode_variant() {
-  static const jfm::DecodeVariant v = [] {
+// Decode back end. Default by shape, from the H100 measurements in docs/perf-notes.md: the
+// seesaw schedule (v3) when there are >= 128 query rows per KV head (compute-heavy: 5-9% faster
+// than v2 there), plain wgmma (v2) below (memory-bound: v2 keeps more loads in flight).
+// JAX_FLASHMLA_DECODE_KERNEL=wgmma|seesaw|mma forces one (read once; a host-side constant, so
+// capture-safe).
+jfm::DecodeVariant decode_variant(int64_t q_rows) {
+  static const int forced = [] {
     const char* env = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
-    return env && std::strcmp(env, "mma") == 0 ? jfm::DecodeVariant::kMmaSync
-                                               : jfm::DecodeVariant::kWgmma;
+    if (!env) return -1;
+    if (std::strcmp(env, "mma") == 0) return (int)jfm::DecodeVariant::kMmaSync;
+    if (std::strcmp(env, "seesaw") == 0) return (int)jfm::DecodeVariant::kSeesaw;
+    if (std::strcmp(env, "wgmma") == 0) return (int)jfm::DecodeVariant::kWgmma;
+    return -1;
   }();
-  return v;
+  if (forced >= 0) return (jfm::DecodeVariant)forced;
+  return q_rows >= 128 ? jfm::DecodeVariant::kSeesaw : jfm::DecodeVariant::kWgmma;
 }
 
 ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> seqlens,
@@ -152,8 +159,9 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.scale_log2 = softmax_scale * 1.44269504088896340736f;
   p.causal = causal && s_q > 1;
 
-  if (cudaError_t err = jfm::launch_decode(p, et, decode_variant(), stream); err != cudaSuccess) {
-    return cuda_error("decode launch", err);
+  cudaError_t launched = jfm::launch_decode(p, et, decode_variant(q_rows), stream);
+  if (launched != cudaSuccess) {
+    return cuda_error("decode launch", launched);
   }
   if (cudaError_t err = jfm::launch_combine(p, et, stream); err != cudaSuccess) {
     return cuda_error("combine launch", err);

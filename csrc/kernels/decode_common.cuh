@@ -1,0 +1,275 @@
+// Device code shared by the decode kernel variants (decode.cu, decode_seesaw.cu).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels/mla.h"
+#include "kernels/wgmma_ops.cuh"
+
+namespace jfm {
+namespace decode_detail {
+
+constexpr int kThreads = 256;
+constexpr int kChunksPerRow = kHeadDimQK / 8;             // 16-byte chunks in a 576-wide row
+constexpr int kTileElems = kBlockM * kHeadDimQK;          // 64 x 576 (Q tile and K tile)
+constexpr int kColBlockBytes = kBlockM * 128;  // one 64-row x 64-column bf16 block, SW128
+constexpr int kSmemAlign = 1024;               // 128B-swizzle atoms must be 1024-byte aligned
+constexpr float kLn2 = 0.69314718055994530942f;
+constexpr float kMaxInit = -1e30f;  // finite: exp2(m_old - m_new) never sees inf - inf
+
+template <typename T> struct MmaOp;
+template <> struct MmaOp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void qk(float (&d)[16], uint64_t a, uint64_t b, int acc) {
+    wgmma_m64n32k16_bf16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void qk(float (&d)[32], uint64_t a, uint64_t b, int acc) {
+    wgmma_m64n64k16_bf16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[128], uint64_t a, uint64_t b) {
+    wgmma_m64n256k16_bf16_tnsp_b(d, a, b, 1);
+  }
+};
+template <> struct MmaOp<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void qk(float (&d)[16], uint64_t a, uint64_t b, int acc) {
+    wgmma_m64n32k16_f16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void qk(float (&d)[32], uint64_t a, uint64_t b, int acc) {
+    wgmma_m64n64k16_f16(d, a, b, acc);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[128], uint64_t a, uint64_t b) {
+    wgmma_m64n256k16_f16_tnsp_b(d, a, b, 1);
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// 16-byte async copy; src_bytes == 0 zero-fills the destination without reading src.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
+}
+
+// Barrier for the two warps (64 threads) that share a row group; ids 1..4 (0 = __syncthreads).
+__device__ __forceinline__ void pair_sync(int row_group) {
+  asm volatile("bar.sync %0, 64;\n" :: "r"(row_group + 1));
+}
+
+// Element offset of 16-byte chunk `chunk` (0..71) of `row` in a [64 x 576] tile stored as nine
+// [64 x 64] column blocks, each in the 128-byte-swizzle K-major layout that wgmma descriptors
+// and TMA use: the chunk index within a 128-byte row is XOR-ed with row % 8. The same layout keeps
+// ldmatrix bank-conflict free (the 8 rows of one 8x8 matrix land in 8 different bank groups).
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  return (chunk >> 3) * (kColBlockBytes / 2) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+}
+// The [64 x 64] P tile is one such column block.
+__device__ __forceinline__ int p_offset(int row, int chunk) { return tile_offset(row, chunk); }
+
+// wgmma shared-memory matrix descriptor for a 128-byte-swizzled operand.
+// K-major: SBO = 1024 B between 8-row groups (LBO unused). MN-major: LBO = stride between
+// 64-element MN blocks, SBO = 1024 B between 8-row K groups.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
+         ((uint64_t)(sbo >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Pins accumulator registers at this point: the compiler must not move their reads or writes
+// across the asynchronous wgmma issue / wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// Makes this thread's generic-proxy smem writes (cp.async, st.shared) visible to wgmma.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Loads the 64 folded query rows of (request, kv head, m-block); rows past q_rows are zeros.
+// Threads tid, tid + nthreads, ... of the CTA take part (all threads, or one warpgroup).
+template <typename T>
+__device__ __forceinline__ void load_q(const DecodeParams& p, T* sq, int req, int kvh, int m0,
+                                       int tid = threadIdx.x, int nthreads = kThreads) {
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = tid; i < kBlockM * kChunksPerRow; i += nthreads) {
+    const int row = i / kChunksPerRow, chunk = i % kChunksPerRow;
+    const int m = m0 + row;
+    const T* src = q;
+    int bytes = 0;
+    if (m < p.q_rows) {
+      const int s = m / p.ng, h = kvh * p.ng + m % p.ng;
+      src = q + (((int64_t)req * p.s_q + s) * p.h_q + h) * kHeadDimQK + chunk * 8;
+      bytes = 16;
+    }
+    cp_async_16(smem_addr(sq + tile_offset(row, chunk)), src, bytes);
+  }
+}
+
+// Loads KV page `blk` of `req`; tokens >= seqlen and invalid page ids are zero-filled.
+template <typename T>
+__device__ __forceinline__ void load_kv(const DecodeParams& p, T* sk, int req, int kvh, int blk,
+                                        int seqlen, int tid = threadIdx.x,
+                                        int nthreads = kThreads) {
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const int page = p.block_table[(int64_t)req * p.max_blocks + blk];
+  const bool page_ok = page >= 0 && page < p.num_blocks;
+  const int valid = page_ok ? min(max(seqlen - blk * kPageSize, 0), kPageSize) : 0;
+  const int64_t token_stride = (int64_t)p.h_kv * kHeadDimQK;
+  const T* base = kc + ((int64_t)(page_ok ? page : 0) * kPageSize) * token_stride +
+                  (int64_t)kvh * kHeadDimQK;
+  for (int i = tid; i < kPageSize * kChunksPerRow; i += nthreads) {
+    const int row = i / kChunksPerRow, chunk = i % kChunksPerRow;
+    const bool ok = row < valid;
+    const T* src = ok ? base + row * token_stride + chunk * 8 : kc;
+    cp_async_16(smem_addr(sk + tile_offset(row, chunk)), src, ok ? 16 : 0);
+  }
+}
+
+
+// The slice of one request that a CTA handles: KV pages [start, end) after causal trimming,
+// whether it is one piece of a split request (then it writes partials to slot `slot`), and the
+// key borders of this thread's two rows (bottom-right causal mask).
+struct Piece {
+  int seqlen, start, end, slot;
+  bool is_split;
+  int border_lo, border_hi;
+};
+
+__device__ __forceinline__ Piece make_piece(const DecodeParams& p, const int32_t* md, int req,
+                                            int begin_req, int end_req, int m0, int r_lo,
+                                            int r_hi) {
+  Piece pc;
+  pc.seqlen = max(p.seqlens[req], 0);
+  const int sched_blocks = (max(pc.seqlen - 1, 0)) / kPageSize + 1;
+  pc.start = max(req == begin_req ? md[2] : 0, 0);
+  int end = req == end_req ? md[3] : sched_blocks;
+  pc.is_split = (req == begin_req && md[5]) || (req == end_req && md[6]);
+  pc.slot = p.num_splits[req] + (req == begin_req ? md[4] : 0);
+  // The last valid row of the m-block sees the most keys: it bounds the page range.
+  const int rows_here = min(kBlockM, p.q_rows - m0);
+  const int tok_last = (m0 + rows_here - 1) / p.ng;
+  const int keys_needed = max(pc.seqlen - (p.causal ? p.s_q - 1 - tok_last : 0), 0);
+  pc.end = min(min(end, (keys_needed + kPageSize - 1) / kPageSize), p.max_blocks);
+  // Padding rows (past q_rows) keep seqlen as border: they are never stored.
+  auto border = [&](int r) {
+    const int m = m0 + r;
+    return pc.seqlen - (p.causal && m < p.q_rows ? p.s_q - 1 - m / p.ng : 0);
+  };
+  pc.border_lo = border(r_lo);
+  pc.border_hi = border(r_hi);
+  return pc;
+}
+
+// Sum over the 4 threads of a quad (the threads that share an accumulator row).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// Writes this thread's part of the result for rows r_lo / r_hi: its 256-wide half `ch` of O
+// (o, normalized by the row sums L) and, if write_lse, the lse. Unsplit pieces write out/lse
+// (natural log; empty rows: out 0, lse +inf); split pieces write fp32 partials and base-2 lse
+// (empty: o 0, lse -inf) to their workspace slot.
+template <typename T>
+__device__ __forceinline__ void store_result(const DecodeParams& p, const Piece& pc,
+                                             const float (&o)[32][4], float L_lo, float L_hi,
+                                             float m_lo, float m_hi, int req, int kvh, int m0,
+                                             int r_lo, int r_hi, int ch, bool write_lse) {
+  const int lane = threadIdx.x % 32;
+  const bool empty_lo = !(L_lo > 0.f), empty_hi = !(L_hi > 0.f);  // 0 or NaN
+  const float inv_lo = empty_lo ? 0.f : 1.f / L_lo, inv_hi = empty_hi ? 0.f : 1.f / L_hi;
+  const bool ok_lo = m0 + r_lo < p.q_rows, ok_hi = m0 + r_hi < p.q_rows;
+  const int col0 = ch * 256 + 2 * (lane % 4);
+  write_lse = write_lse && lane % 4 == 0;
+
+  if (!pc.is_split) {
+    const int tok_lo = (m0 + r_lo) / p.ng, tok_hi = (m0 + r_hi) / p.ng;
+    const int h_lo = kvh * p.ng + (m0 + r_lo) % p.ng, h_hi = kvh * p.ng + (m0 + r_hi) % p.ng;
+    T* out = static_cast<T*>(p.out);
+    T* row_lo = out + (((int64_t)req * p.s_q + tok_lo) * p.h_q + h_lo) * kHeadDimV;
+    T* row_hi = out + (((int64_t)req * p.s_q + tok_hi) * p.h_q + h_hi) * kHeadDimV;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int col = col0 + j * 8;
+      if (ok_lo)
+        *reinterpret_cast<uint32_t*>(row_lo + col) =
+            MmaOp<T>::pack(o[j][0] * inv_lo, o[j][1] * inv_lo);
+      if (ok_hi)
+        *reinterpret_cast<uint32_t*>(row_hi + col) =
+            MmaOp<T>::pack(o[j][2] * inv_hi, o[j][3] * inv_hi);
+    }
+    if (write_lse && ok_lo)
+      p.lse[((int64_t)req * p.h_q + h_lo) * p.s_q + tok_lo] =
+          empty_lo ? INFINITY : (log2f(L_lo) + m_lo) * kLn2;
+    if (write_lse && ok_hi)
+      p.lse[((int64_t)req * p.h_q + h_hi) * p.s_q + tok_hi] =
+          empty_hi ? INFINITY : (log2f(L_hi) + m_hi) * kLn2;
+  } else {
+    if (pc.slot < 0 || pc.slot >= p.b + p.num_parts) return;  // bad metadata: never write OOB
+    const int64_t row_base = ((int64_t)pc.slot * p.h_kv + kvh) * p.q_rows + m0;
+    float* acc_lo = p.o_accum + (row_base + r_lo) * kHeadDimV;
+    float* acc_hi = p.o_accum + (row_base + r_hi) * kHeadDimV;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int col = col0 + j * 8;
+      if (ok_lo)
+        *reinterpret_cast<float2*>(acc_lo + col) = make_float2(o[j][0] * inv_lo, o[j][1] * inv_lo);
+      if (ok_hi)
+        *reinterpret_cast<float2*>(acc_hi + col) = make_float2(o[j][2] * inv_hi, o[j][3] * inv_hi);
+    }
+    if (write_lse && ok_lo) p.lse_accum[row_base + r_lo] = empty_lo ? -INFINITY : log2f(L_lo) + m_lo;
+    if (write_lse && ok_hi) p.lse_accum[row_base + r_hi] = empty_hi ? -INFINITY : log2f(L_hi) + m_hi;
+  }
+}
+
+}  // namespace decode_detail
+}  // namespace jfm
