@@ -11,6 +11,12 @@ import numpy as np
 HEAD_DIM_QK = 576
 HEAD_DIM_V = 512
 PAGE_SIZE = 64
+FP8_WITH_SCALE_BYTES = 656
+
+#: KV-cache layouts: the cache in q's dtype; DeepSeek V3.2's 656-byte "FP8 with scale" tokens
+#: (uint8/int8/float8_e4m3fn bytes, one KV head); float8_e4m3fn with one per-tensor scale.
+KV_LAYOUTS = ("dense", "fp8_with_scale", "fp8_per_tensor")
+_FP8_BYTE_DTYPES = ("uint8", "int8", "float8_e4m3fn")
 #: Largest batch the on-device scheduler handles (it stages seqlens in shared memory).
 MAX_BATCH = 32768
 
@@ -49,21 +55,48 @@ def check_metadata_args(num_q_tokens_per_head_k, num_heads_k) -> None:
             raise ValueError(f"{name} must be a positive static Python int, got {v!r}")
 
 
+def _check_cache_layout(q, k_cache, layout: str) -> None:
+    """dtype and last dim of k_cache (and q's dtype) for one of KV_LAYOUTS."""
+    if layout not in KV_LAYOUTS:
+        raise ValueError(f"kv layout must be one of {KV_LAYOUTS}, got {layout!r}")
+    d_k, h_kv = int(k_cache.shape[3]), int(k_cache.shape[2])
+    if layout == "dense":
+        if not _is_half(q.dtype):
+            raise TypeError(f"q must be bfloat16 or float16, got {_dtype_name(q)}")
+        if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
+            raise TypeError(f"k_cache must have q's dtype {_dtype_name(q)}, got "
+                            f"{_dtype_name(k_cache)}")
+        expected_d = HEAD_DIM_QK
+    else:
+        if _dtype_name(q) != "bfloat16":
+            raise TypeError(f"q must be bfloat16 with an FP8 KV cache, got {_dtype_name(q)}")
+        if layout == "fp8_with_scale":
+            if _dtype_name(k_cache) not in _FP8_BYTE_DTYPES:
+                raise TypeError("k_cache with is_fp8_kvcache=True must hold the 656-byte tokens as "
+                                f"one of {_FP8_BYTE_DTYPES}, got {_dtype_name(k_cache)}")
+            if h_kv != 1:
+                raise ValueError("k_cache with is_fp8_kvcache=True must have one KV head "
+                                 f"(k_cache.shape[2] = 1), got {h_kv}")
+            expected_d = FP8_WITH_SCALE_BYTES
+        else:
+            if _dtype_name(k_cache) != "float8_e4m3fn":
+                raise TypeError("k_cache with kv_scale must be float8_e4m3fn, got "
+                                f"{_dtype_name(k_cache)}")
+            expected_d = HEAD_DIM_QK
+    if d_k != expected_d:
+        raise ValueError(f"k_cache head dim (k_cache.shape[3]) must be {expected_d}, got {d_k}")
+
+
 def check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                 num_splits, softmax_scale) -> dict:
+                 num_splits, softmax_scale, layout: str = "dense") -> dict:
     """Validates a decode call; returns the derived static sizes."""
     require_rank("q", q, 4, "[batch, s_q, h_q, 576]")
-    require_rank("k_cache", k_cache, 4, "[num_blocks, 64, h_kv, 576]")
+    require_rank("k_cache", k_cache, 4, "[num_blocks, 64, h_kv, 576 (656 for FP8 with scale)]")
     b, s_q, h_q, d = (int(v) for v in q.shape)
-    num_blocks, page, h_kv, d_k = (int(v) for v in k_cache.shape)
-    if not _is_half(q.dtype):
-        raise TypeError(f"q must be bfloat16 or float16, got {_dtype_name(q)}")
-    if np.dtype(k_cache.dtype) != np.dtype(q.dtype):
-        raise TypeError(f"k_cache must have q's dtype {_dtype_name(q)}, got {_dtype_name(k_cache)}")
+    num_blocks, page, h_kv, _ = (int(v) for v in k_cache.shape)
     if d != HEAD_DIM_QK:
         raise ValueError(f"q head dim (q.shape[3]) must be {HEAD_DIM_QK}, got {d}")
-    if d_k != HEAD_DIM_QK:
-        raise ValueError(f"k_cache head dim (k_cache.shape[3]) must be {HEAD_DIM_QK}, got {d_k}")
+    _check_cache_layout(q, k_cache, layout)
     if page != PAGE_SIZE:
         raise ValueError(f"k_cache page size (k_cache.shape[1]) must be {PAGE_SIZE}, got {page}")
     if int(head_dim_v) != HEAD_DIM_V:

@@ -37,7 +37,8 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int,
                            tile_scheduler_metadata=None, num_splits=None, softmax_scale=None,
-                           causal: bool = False, *, num_sms: int | None = None):
+                           causal: bool = False, *, num_sms: int | None = None,
+                           is_fp8_kvcache: bool = False, kv_scale=None):
     """Absorbed MLA decode over a paged latent cache (FlashMLA semantics).
 
     Args:
@@ -52,6 +53,11 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         ``192 ** -0.5 * mscale ** 2``: pass it explicitly.
       causal: bottom-right aligned causal mask across the ``s_q`` query tokens (MTP).
       num_sms: SM count used to check that the metadata fits this call (see get_mla_metadata).
+      is_fp8_kvcache: ``k_cache`` holds DeepSeek V3.2's 656-byte "FP8 with scale" tokens
+        (``uint8 [num_blocks, 64, 1, 656]``, see :mod:`jax_flashmla.fp8`); q must be bf16.
+      kv_scale: float32 scalar: ``k_cache`` is ``float8_e4m3fn [num_blocks, 64, h_kv, 576]``
+        holding ``kv / kv_scale`` (per-tensor FP8); q must be bf16.
+        FP8 caches run through the reference on CPU; their CUDA kernels are not built yet.
 
     Returns:
       ``(out [b, s_q, h_q, 512] in q's dtype, lse float32 [b, h_q, s_q])``; natural-log lse;
@@ -73,8 +79,15 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
                                                                num_sms=num_sms)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
+    if is_fp8_kvcache and kv_scale is not None:
+        raise ValueError("pass is_fp8_kvcache=True (656-byte tokens with their own scales) or "
+                         "kv_scale (per-tensor float8_e4m3fn cache), not both")
+    layout = ("fp8_with_scale" if is_fp8_kvcache else
+              "fp8_per_tensor" if kv_scale is not None else "dense")
+    if layout == "fp8_per_tensor":
+        kv_scale = jnp.asarray(kv_scale, jnp.float32).reshape(())
     _checks.check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                         tile_scheduler_metadata, num_splits, softmax_scale)
+                         tile_scheduler_metadata, num_splits, softmax_scale, layout)
     expected = num_sm_parts(resolve_num_sms(num_sms), q_rows, h_kv)
     got = tile_scheduler_metadata.shape[0]
     if got != expected:
@@ -88,7 +101,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     causal = bool(causal) and s_q > 1  # FlashMLA: causal is meaningless for one query token
     out, lse, _, _ = primitives.bind_decode(
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-        softmax_scale=float(softmax_scale), causal=causal, head_dim_v=head_dim_v)
+        softmax_scale=float(softmax_scale), causal=causal, head_dim_v=head_dim_v, layout=layout,
+        kv_scale=kv_scale)
     return out, lse
 
 

@@ -91,6 +91,39 @@ def _like(cache, pages):
     return PagedMLACache(pages) if isinstance(cache, PagedMLACache) else pages
 
 
+def check_token_entries(latent, rope) -> None:
+    """New tokens' parts: latent ``[n, 512]`` and rope ``[n, 64]``."""
+    if latent.ndim != 2 or latent.shape[1] != KV_LORA_RANK:
+        raise ValueError(f"latent must be [n, {KV_LORA_RANK}], got {tuple(latent.shape)}")
+    if rope.shape != (latent.shape[0], QK_ROPE_HEAD_DIM):
+        raise ValueError(f"rope must be [n, {QK_ROPE_HEAD_DIM}] with latent's n = "
+                         f"{latent.shape[0]}, got {tuple(rope.shape)}")
+
+
+def slot_indices(slot_mapping, block_ids, offsets, n: int, num_pages: int):
+    """(page ids, in-page offsets) of ``n`` token slots for a ``mode="drop"`` scatter.
+
+    Takes ``slot_mapping`` (``page * 64 + offset``) or ``block_ids`` + ``offsets``; negative
+    entries mean "skip". JAX wraps negative indices like NumPy, so skipped tokens get the
+    out-of-range page id ``num_pages`` instead, which ``mode="drop"`` discards.
+    """
+    if (slot_mapping is None) == (block_ids is None and offsets is None):
+        raise ValueError("pass either slot_mapping or (block_ids, offsets)")
+    if slot_mapping is not None:
+        slots = jnp.asarray(slot_mapping, jnp.int32).reshape(-1)
+        skip = slots < 0
+        block_ids, offsets = slots // PAGE_SIZE, slots % PAGE_SIZE
+    else:
+        if block_ids is None or offsets is None:
+            raise ValueError("pass both block_ids and offsets")
+        block_ids = jnp.asarray(block_ids, jnp.int32).reshape(-1)
+        offsets = jnp.asarray(offsets, jnp.int32).reshape(-1)
+        skip = block_ids < 0
+    if block_ids.shape[0] != n:
+        raise ValueError(f"{block_ids.shape[0]} slots for {n} tokens")
+    return jnp.where(skip, num_pages, block_ids), offsets
+
+
 def write_tokens(cache, latent, rope, slot_mapping=None, *, block_ids=None, offsets=None):
     """Writes ``n`` tokens' ``[latent | rope]`` entries into the paged cache (pure JAX).
 
@@ -111,28 +144,9 @@ def write_tokens(cache, latent, rope, slot_mapping=None, *, block_ids=None, offs
     if (page, h_kv, d) != (PAGE_SIZE, 1, HEAD_DIM):
         raise ValueError(f"cache must be [num_pages, {PAGE_SIZE}, 1, {HEAD_DIM}], "
                          f"got {tuple(pages.shape)}")
-    if latent.ndim != 2 or latent.shape[1] != KV_LORA_RANK:
-        raise ValueError(f"latent must be [n, {KV_LORA_RANK}], got {tuple(latent.shape)}")
-    if rope.shape != (latent.shape[0], QK_ROPE_HEAD_DIM):
-        raise ValueError(f"rope must be [n, {QK_ROPE_HEAD_DIM}] with latent's n = "
-                         f"{latent.shape[0]}, got {tuple(rope.shape)}")
-    if (slot_mapping is None) == (block_ids is None and offsets is None):
-        raise ValueError("pass either slot_mapping or (block_ids, offsets)")
-    if slot_mapping is not None:
-        slots = jnp.asarray(slot_mapping, jnp.int32).reshape(-1)
-        skip = slots < 0
-        block_ids, offsets = slots // PAGE_SIZE, slots % PAGE_SIZE
-    else:
-        if block_ids is None or offsets is None:
-            raise ValueError("pass both block_ids and offsets")
-        block_ids = jnp.asarray(block_ids, jnp.int32).reshape(-1)
-        offsets = jnp.asarray(offsets, jnp.int32).reshape(-1)
-        skip = block_ids < 0
-    if block_ids.shape[0] != latent.shape[0]:
-        raise ValueError(f"{block_ids.shape[0]} slots for {latent.shape[0]} tokens")
-    # JAX wraps negative indices like NumPy, so move skipped tokens out of range and let
-    # mode="drop" discard them instead.
-    block_ids = jnp.where(skip, num_pages, block_ids)
+    check_token_entries(latent, rope)
+    block_ids, offsets = slot_indices(slot_mapping, block_ids, offsets, latent.shape[0],
+                                      num_pages)
     entries = jnp.concatenate([latent.astype(pages.dtype), rope.astype(pages.dtype)], axis=-1)
     # A plain "set" scatter into the donated pool is in place (no copy of the pool). Note that
     # XLA:CPU has no native bf16 scatter and upcasts the pool to f32 around it; GPU and fp16 on

@@ -18,7 +18,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir, xla
 
-from . import _checks, _ffi
+from . import _checks, _ffi, fp8
 from .reference import mla_decode_reference
 from .scheduler import METADATA_ROW, schedule_jax
 
@@ -86,10 +86,15 @@ def workspace_shapes(b, h_kv, q_seq_per_hk, num_sm_parts, head_dim_v):
     return (slots, h_kv, q_seq_per_hk, head_dim_v), (slots, h_kv, q_seq_per_hk)
 
 
-def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *,
-                          softmax_scale, causal, head_dim_v):
+def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *extra,
+                          softmax_scale, causal, head_dim_v, layout="dense"):
     s = _checks.check_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_md,
-                             num_splits, softmax_scale)
+                             num_splits, softmax_scale, layout)
+    if layout == "fp8_per_tensor":
+        (kv_scale,) = extra
+        if tuple(kv_scale.shape) != () or np.dtype(kv_scale.dtype) != np.float32:
+            raise TypeError("kv_scale must be a float32 scalar, got "
+                            f"{np.dtype(kv_scale.dtype).name}{list(kv_scale.shape)}")
     o_ws, lse_ws = workspace_shapes(s["b"], s["h_kv"], s["q_seq_per_hk"], s["num_sm_parts"],
                                     int(head_dim_v))
     return (jax.core.ShapedArray((s["b"], s["s_q"], s["h_q"], int(head_dim_v)), q.dtype),
@@ -101,13 +106,24 @@ def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_md, num_s
 decode_p.def_abstract_eval(_decode_abstract_eval)
 
 
-def _decode_cpu_lowering(ctx, *args, **params):
+def _dequantized_cache(k_cache, extra, layout):
+    """The cache in float32, as the reference (and the FP8 tests) see it."""
+    if layout == "fp8_with_scale":
+        return fp8.dequantize_fp8_with_scale(k_cache, jnp.float32)
+    if layout == "fp8_per_tensor":
+        return fp8.dequantize_fp8_per_tensor(k_cache, extra[0], jnp.float32)
+    return k_cache
+
+
+def _decode_cpu_lowering(ctx, *args, softmax_scale, causal, head_dim_v, layout="dense"):
     # Workspace outputs are never read on CPU; zeros keep the output signature.
     _, _, o_aval, lse_aval = ctx.avals_out
 
-    def fn(*a):
-        out, lse = mla_decode_reference(a[0], a[1], a[2], a[3], int(params["head_dim_v"]),
-                                        float(params["softmax_scale"]), bool(params["causal"]))
+    def fn(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *extra):
+        del tile_md, num_splits  # the reference needs no schedule
+        kv = _dequantized_cache(k_cache, extra, layout)
+        out, lse = mla_decode_reference(q, kv, block_table, cache_seqlens, int(head_dim_v),
+                                        float(softmax_scale), bool(causal))
         return (out, lse, jnp.zeros(o_aval.shape, jnp.float32),
                 jnp.zeros(lse_aval.shape, jnp.float32))
 
@@ -124,63 +140,88 @@ def _decode_cuda_lowering(ctx, *args, softmax_scale, causal, head_dim_v):
 mlir.register_lowering(decode_p, _decode_cpu_lowering, platform="cpu")
 mlir.register_lowering(decode_p, _decode_cuda_lowering, platform="cuda")
 
+# FP8 KV caches (issue 5): same contract, the cache in one of _checks.KV_LAYOUTS' FP8 layouts
+# plus a float32 scalar kv_scale operand for "fp8_per_tensor". Runs through the reference on CPU;
+# the CUDA kernels for it are not written yet.
+decode_fp8_p = Primitive("jax_flashmla_decode_fp8")
+decode_fp8_p.multiple_results = True
+decode_fp8_p.def_impl(functools.partial(xla.apply_primitive, decode_fp8_p))
+decode_fp8_p.def_abstract_eval(_decode_abstract_eval)
 
-def _decode_batch(args, dims, *, softmax_scale, causal, head_dim_v):
+
+def _decode_fp8_cuda_lowering(ctx, *args, layout, **params):
+    raise NotImplementedError(
+        f"jax_flashmla: the CUDA kernel for FP8 KV caches ({layout}) is not built yet; on a GPU, "
+        "dequantize the cache (jax_flashmla.fp8) and use the bf16 path, or run on CPU, where the "
+        "FP8 path runs through the reference")
+
+
+mlir.register_lowering(decode_fp8_p, _decode_cpu_lowering, platform="cpu")
+mlir.register_lowering(decode_fp8_p, _decode_fp8_cuda_lowering, platform="cuda")
+
+
+def _decode_batch_rule(prim):
     """vmap: fold the mapped axis into the request batch.
 
     The result of a decode does not depend on *how* work is scheduled, only on the inputs, so the
     mapped call can run as one decode over ``B * b`` requests with metadata recomputed for the
     folded batch (the passed metadata is then unused). A mapped ``k_cache`` (one page pool per
     element) folds too: pools are concatenated and block ids offset. If the folded batch is larger
-    than the scheduler supports, fall back to a sequential ``lax.map``.
+    than the scheduler supports, or a per-element kv_scale is mapped, run a sequential
+    ``lax.map`` instead.
     """
-    q, k_cache, block_table, seqlens, tile_md, num_splits = args
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
+    def rule(args, dims, **params):
+        q, k_cache, block_table, seqlens, tile_md, num_splits = args[:6]
+        extra = args[6:]
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
 
-    def at0(x, d):
-        return (jnp.broadcast_to(x, (size, *x.shape)) if d is _NOT_MAPPED
-                else jnp.moveaxis(x, d, 0))
+        def at0(x, d):
+            return (jnp.broadcast_to(x, (size, *x.shape)) if d is _NOT_MAPPED
+                    else jnp.moveaxis(x, d, 0))
 
-    q_b, bt_b, sl_b = at0(q, dims[0]), at0(block_table, dims[2]), at0(seqlens, dims[3])
-    B, b = q_b.shape[0], q_b.shape[1]
-    num_sm_parts = tile_md.shape[-2]
-    params = dict(softmax_scale=softmax_scale, causal=causal, head_dim_v=head_dim_v)
+        q_b, bt_b, sl_b = at0(q, dims[0]), at0(block_table, dims[2]), at0(seqlens, dims[3])
+        B, b = q_b.shape[0], q_b.shape[1]
+        num_sm_parts = tile_md.shape[-2]
 
-    if B * b > _checks.MAX_BATCH:
-        kc_b = at0(k_cache, dims[1])
-        md_b, ns_b = at0(tile_md, dims[4]), at0(num_splits, dims[5])
-        outs = jax.lax.map(lambda a: tuple(decode_p.bind(*a, **params)),
-                           (q_b, kc_b, bt_b, sl_b, md_b, ns_b))
-        return outs, (0, 0, 0, 0)
+        if B * b > _checks.MAX_BATCH or any(d is not _NOT_MAPPED for d in dims[6:]):
+            mapped = tuple(at0(a, d) for a, d in zip(args, dims))
+            outs = jax.lax.map(lambda a: tuple(prim.bind(*a, **params)), mapped)
+            return outs, (0, 0, 0, 0)
 
-    if dims[1] is _NOT_MAPPED:
-        kc = k_cache
-    else:
-        kc_b = jnp.moveaxis(k_cache, dims[1], 0)
-        nb = kc_b.shape[1]
-        kc = kc_b.reshape(B * nb, *kc_b.shape[2:])
-        # Offset only valid ids; invalid ones (e.g. past the end) stay invalid.
-        offs = (jnp.arange(B, dtype=jnp.int32) * nb)[:, None, None]
-        bt_b = jnp.where((bt_b >= 0) & (bt_b < nb), bt_b + offs, jnp.int32(-1))
-    q_f = q_b.reshape(B * b, *q_b.shape[2:])
-    bt_f = bt_b.reshape(B * b, bt_b.shape[2])
-    sl_f = sl_b.reshape(B * b)
-    md_f, ns_f = metadata_p.bind(sl_f, num_sm_parts=num_sm_parts)
-    out, lse, o_acc, lse_acc = decode_p.bind(q_f, kc, bt_f, sl_f, md_f, ns_f, **params)
-    out = out.reshape(B, b, *out.shape[1:])
-    lse = lse.reshape(B, b, *lse.shape[1:])
-    # Workspace outputs are internal (dropped by the public API); hand back an unmapped slice of
-    # the right per-element shape.
-    slots = b + num_sm_parts
-    return (out, lse, o_acc[:slots], lse_acc[:slots]), (0, 0, _NOT_MAPPED,
-                                                        _NOT_MAPPED)
+        if dims[1] is _NOT_MAPPED:
+            kc = k_cache
+        else:
+            kc_b = jnp.moveaxis(k_cache, dims[1], 0)
+            nb = kc_b.shape[1]
+            kc = kc_b.reshape(B * nb, *kc_b.shape[2:])
+            # Offset only valid ids; invalid ones (e.g. past the end) stay invalid.
+            offs = (jnp.arange(B, dtype=jnp.int32) * nb)[:, None, None]
+            bt_b = jnp.where((bt_b >= 0) & (bt_b < nb), bt_b + offs, jnp.int32(-1))
+        q_f = q_b.reshape(B * b, *q_b.shape[2:])
+        bt_f = bt_b.reshape(B * b, bt_b.shape[2])
+        sl_f = sl_b.reshape(B * b)
+        md_f, ns_f = metadata_p.bind(sl_f, num_sm_parts=num_sm_parts)
+        out, lse, o_acc, lse_acc = prim.bind(q_f, kc, bt_f, sl_f, md_f, ns_f, *extra, **params)
+        out = out.reshape(B, b, *out.shape[1:])
+        lse = lse.reshape(B, b, *lse.shape[1:])
+        # Workspace outputs are internal (dropped by the public API); hand back an unmapped slice
+        # of the right per-element shape.
+        slots = b + num_sm_parts
+        return (out, lse, o_acc[:slots], lse_acc[:slots]), (0, 0, _NOT_MAPPED, _NOT_MAPPED)
+
+    return rule
 
 
-batching.primitive_batchers[decode_p] = _decode_batch
+batching.primitive_batchers[decode_p] = _decode_batch_rule(decode_p)
+batching.primitive_batchers[decode_fp8_p] = _decode_batch_rule(decode_fp8_p)
 
 
 def bind_decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *, softmax_scale,
-                causal, head_dim_v):
-    return decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_md, num_splits,
-                         softmax_scale=np.float32(softmax_scale), causal=bool(causal),
-                         head_dim_v=int(head_dim_v))
+                causal, head_dim_v, layout="dense", kv_scale=None):
+    params = dict(softmax_scale=np.float32(softmax_scale), causal=bool(causal),
+                  head_dim_v=int(head_dim_v))
+    if layout == "dense":
+        return decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, **params)
+    extra = (kv_scale,) if layout == "fp8_per_tensor" else ()
+    return decode_fp8_p.bind(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *extra,
+                             layout=layout, **params)
