@@ -191,9 +191,10 @@ def pool_bytes(case: Case, pad: int, itemsize: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def _randn_over_10(key, shape, dtype):
-    # FlashMLA: randn / 10 clamped to [-1, 1]. Never zeros: they hide indexing bugs and can run
-    # faster than real data.
+def randn_over_10(key, shape, dtype):
+    """FlashMLA's test data: randn / 10 clamped to [-1, 1] (also used by the GPU tests).
+
+    Never zeros: they hide indexing bugs and can run faster than real data."""
     return jnp.clip(jax.random.normal(key, shape, jnp.float32) / 10, -1, 1).astype(dtype)
 
 
@@ -202,7 +203,7 @@ def _random_pool(key, num_chunks, chunk_shape, dtype):
     # One chunk at a time through lax.map, so the float32 draws of a multi-GiB pool never exist
     # all at once; the stacked result is reshaped (free) into the page pool.
     keys = jax.random.split(key, num_chunks)
-    chunks = jax.lax.map(lambda k: _randn_over_10(k, chunk_shape, dtype), keys)
+    chunks = jax.lax.map(lambda k: randn_over_10(k, chunk_shape, dtype), keys)
     return chunks.reshape(num_chunks * chunk_shape[0], *chunk_shape[1:])
 
 
@@ -231,7 +232,7 @@ def make_problem(case: Case, dtype) -> Problem:
     block_table = perm.reshape(case.b, blocks_per_seq).astype(np.int32)
 
     key_q, key_kv = jax.random.split(jax.random.key(case.seed))
-    q = _randn_over_10(key_q, (case.b, case.s_q, case.h_q, HEAD_DIM_QK), dtype)
+    q = randn_over_10(key_q, (case.b, case.s_q, case.h_q, HEAD_DIM_QK), dtype)
     k_cache = _random_pool(key_kv, case.b, (blocks_per_seq, PAGE_SIZE, case.h_kv, HEAD_DIM_QK),
                            dtype)
     cache_seqlens = jnp.asarray(lengths)
@@ -375,7 +376,7 @@ def measure_ceilings(on_gpu: bool, reps: int, target_s: float) -> dict:
     key_a, key_b = jax.random.split(jax.random.key(1234))
     # Copy bandwidth, counting bytes read + written (as the anchor's 3027 GB/s does).
     copy_elems = (1 << 30) if on_gpu else (1 << 25)      # bf16: 2 GiB on GPU, 64 MiB on CPU
-    x = _randn_over_10(key_a, (copy_elems,), jnp.bfloat16)
+    x = randn_over_10(key_a, (copy_elems,), jnp.bfloat16)
     jax.block_until_ready(_copy(x))
     t_copy = time_per_call(_copy, (x,), reps=reps, target_s=target_s, keep_all=keep_all)
     copy_bytes = 2 * copy_elems * 2
@@ -385,8 +386,8 @@ def measure_ceilings(on_gpu: bool, reps: int, target_s: float) -> dict:
     # the kernel's own profiled time and 795 for the anchor's short bursts: the sustained rate
     # is lower (clocks), and it is the one our decode timing sees.
     n = 8192 if on_gpu else 512
-    a = _randn_over_10(key_a, (n, n), jnp.bfloat16)
-    b = _randn_over_10(key_b, (n, n), jnp.bfloat16)
+    a = randn_over_10(key_a, (n, n), jnp.bfloat16)
+    b = randn_over_10(key_b, (n, n), jnp.bfloat16)
     jax.block_until_ready(_matmul(a, b))
     t_mm = time_per_call(_matmul, (a, b), reps=reps, target_s=target_s, keep_all=keep_all)
     del a, b

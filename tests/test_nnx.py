@@ -158,6 +158,23 @@ def _serve(model, cache_dtype, x_prompt, x_new, with_md=True):
 
 
 # ------------------------------------------------------------------------------------------------
+def bf16_twin(cfg):
+    """(float32 model, bf16 model with the same weights): bf16 compute and cache vs an oracle."""
+    ref_model = _make(cfg, jnp.float32)
+    model = _make(cfg, jnp.bfloat16)
+    nnx.update(model, nnx.state(ref_model))
+    return ref_model, model
+
+
+def assert_decode_steps_match_textbook(ref_model, outs, x_prompt, x_new, tol):
+    """Decode step j's outputs equal textbook MLA over prompt + the first j + 1 new tokens."""
+    for j, out in enumerate(outs):
+        full = _full_sequences(x_prompt, x_new, j + 1)
+        ref = textbook_mla(ref_model, full, [n + j + 1 for n in PROMPTS])
+        want = np.stack([ref[i, n + j] for i, n in enumerate(PROMPTS)])
+        assert _rel(out, want) < tol, j
+
+
 @pytest.mark.parametrize("interleaved,q_lora_rank", [(True, 32), (False, 0)])
 def test_prefill_and_decode_float32_match_textbook(interleaved, q_lora_rank):
     model = _make(dict(SMALL, q_lora_rank=q_lora_rank, rope_interleaved=interleaved), jnp.float32)
@@ -167,17 +184,11 @@ def test_prefill_and_decode_float32_match_textbook(interleaved, q_lora_rank):
     ref = textbook_mla(model, x_prompt, PROMPTS)
     for i, n in enumerate(PROMPTS):
         assert _rel(out_p[i, :n], ref[i, :n]) < 1e-5
-    for j, out in enumerate(outs):
-        full = _full_sequences(x_prompt, x_new, j + 1)
-        ref = textbook_mla(model, full, [n + j + 1 for n in PROMPTS])
-        want = np.stack([ref[i, n + j] for i, n in enumerate(PROMPTS)])
-        assert _rel(out, want) < 1e-5, j
+    assert_decode_steps_match_textbook(model, outs, x_prompt, x_new, 1e-5)
 
 
 def test_absorbed_decode_bf16_kernel_path_matches_textbook():
-    ref_model = _make(SMALL, jnp.float32)
-    model = _make(SMALL, jnp.bfloat16)
-    nnx.update(model, nnx.state(ref_model))      # same weights, bf16 compute and cache
+    ref_model, model = bf16_twin(SMALL)
     x_prompt, x_new = _inputs(model.cfg)
     out_p, outs, cache = _serve(model, jnp.bfloat16, x_prompt, x_new)
     assert cache.dtype == jnp.bfloat16
@@ -185,11 +196,7 @@ def test_absorbed_decode_bf16_kernel_path_matches_textbook():
     ref = textbook_mla(ref_model, x_prompt, PROMPTS)
     for i, n in enumerate(PROMPTS):
         assert _rel(out_p[i, :n], ref[i, :n]) < 2e-2
-    for j, out in enumerate(outs):
-        full = _full_sequences(x_prompt, x_new, j + 1)
-        ref = textbook_mla(ref_model, full, [n + j + 1 for n in PROMPTS])
-        want = np.stack([ref[i, n + j] for i, n in enumerate(PROMPTS)])
-        assert _rel(out, want) < 2e-2, j
+    assert_decode_steps_match_textbook(ref_model, outs, x_prompt, x_new, 2e-2)
 
 
 def test_decode_without_passed_metadata_is_identical():

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flashmla as fm
+from jax_flashmla.bench import randn_over_10
 from mla_testdata import HEAD_DIM_QK, INVALID_BLOCK_ID, PAGE_SIZE, make_seqlens
 
 #: FlashMLA's head pairs: h_q in {1,3,9,63,64,126,128} x h_kv in {1,2,3,8}, h_q % h_kv == 0.
@@ -59,12 +60,6 @@ def build_tables(rng, subcases, s_q):
     return seqlens, table.astype(np.int32), valid
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def _random_half(key, shape, dtype):
-    x = jax.random.normal(key, shape, jnp.float32) / 10
-    return jnp.clip(x, -1, 1).astype(dtype)
-
-
 _POOL_CHUNK = 256  # pages generated per step: keeps the random-bits intermediate small
 
 
@@ -76,7 +71,7 @@ def _poisoned_pool(key, valid, h_kv, dtype):
 
     def chunk(args):
         i, ok = args
-        x = jnp.clip(jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) / 10, -1, 1)
+        x = randn_over_10(jax.random.fold_in(key, i), shape, jnp.float32)
         return jnp.where(ok[:, :, None, None], x, jnp.nan).astype(dtype)
 
     pool = jax.lax.map(chunk, (jnp.arange(chunks), valid.reshape(chunks, _POOL_CHUNK, PAGE_SIZE)))
@@ -88,7 +83,7 @@ def make_merged(seed, subcases, s_q, h_q, h_kv, dtype):
     rng = np.random.default_rng(seed)
     seqlens, table, valid = build_tables(rng, subcases, s_q)
     kq, kk = jax.random.split(jax.random.PRNGKey(seed))
-    q = _random_half(kq, (seqlens.shape[0], s_q, h_q, HEAD_DIM_QK), jnp.dtype(dtype))
+    q = randn_over_10(kq, (seqlens.shape[0], s_q, h_q, HEAD_DIM_QK), jnp.dtype(dtype))
     pool = _poisoned_pool(kk, jnp.asarray(valid), h_kv, jnp.dtype(dtype))
     return q, pool, jnp.asarray(table), jnp.asarray(seqlens)
 

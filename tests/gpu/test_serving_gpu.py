@@ -118,20 +118,12 @@ def test_donated_write_and_decode_is_in_place():
 @pytest.mark.parametrize("n_heads", [16, 128])
 def test_nnx_absorbed_decode_on_the_kernel_matches_textbook(n_heads):
     import test_nnx as nnx_cases                  # tests/test_nnx.py: oracle and serving loop
-    from flax import nnx
 
-    cfg = dict(nnx_cases.SMALL, n_heads=n_heads)
-    ref_model = nnx_cases._make(cfg, jnp.float32)
-    model = nnx_cases._make(cfg, jnp.bfloat16)
-    nnx.update(model, nnx.state(ref_model))         # same weights, bf16 compute and cache
+    ref_model, model = nnx_cases.bf16_twin(dict(nnx_cases.SMALL, n_heads=n_heads))
     x_prompt, x_new = nnx_cases._inputs(model.cfg)
     _, outs, cache = nnx_cases._serve(model, jnp.bfloat16, x_prompt, x_new)
     assert cache.dtype == jnp.bfloat16
-    for j, out in enumerate(outs):
-        full = nnx_cases._full_sequences(x_prompt, x_new, j + 1)
-        ref = nnx_cases.textbook_mla(ref_model, full, [n + j + 1 for n in nnx_cases.PROMPTS])
-        want = np.stack([ref[i, n + j] for i, n in enumerate(nnx_cases.PROMPTS)])
-        assert nnx_cases._rel(out, want) < 2e-2, j
+    nnx_cases.assert_decode_steps_match_textbook(ref_model, outs, x_prompt, x_new, 2e-2)
 
     # The decode step above lowers to our kernel on this GPU (not the pure-JAX reference).
     state, _, _, decode = nnx_cases._steps(model)
