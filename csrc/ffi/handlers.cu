@@ -53,11 +53,9 @@ ffi::Error ensure_decode_prepared(jfm::ElemType t) {
   return ffi::Error::Success();
 }
 
-// Decode back end. Default by shape, from the H100 measurements in docs/perf-notes.md: the
-// seesaw schedule (v3) when there are >= 128 query rows per KV head (compute-heavy: 5-9% faster
-// than v2 there), plain wgmma (v2) below (memory-bound: v2 keeps more loads in flight).
-// JAX_FLASHMLA_DECODE_KERNEL=wgmma|seesaw|mma forces one (read once; a host-side constant, so
-// capture-safe).
+// Decode back end: the pipelined seesaw kernel (v4) for every shape.
+// JAX_FLASHMLA_DECODE_KERNEL=pipelined|seesaw|wgmma|mma forces one (read once; a host-side
+// constant, so capture-safe). The older back ends stay for comparison (docs/perf-notes.md).
 jfm::DecodeVariant decode_variant(int64_t q_rows) {
   static const int forced = [] {
     const char* env = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
@@ -65,10 +63,12 @@ jfm::DecodeVariant decode_variant(int64_t q_rows) {
     if (std::strcmp(env, "mma") == 0) return (int)jfm::DecodeVariant::kMmaSync;
     if (std::strcmp(env, "seesaw") == 0) return (int)jfm::DecodeVariant::kSeesaw;
     if (std::strcmp(env, "wgmma") == 0) return (int)jfm::DecodeVariant::kWgmma;
+    if (std::strcmp(env, "pipelined") == 0) return (int)jfm::DecodeVariant::kPipelined;
     return -1;
   }();
   if (forced >= 0) return (jfm::DecodeVariant)forced;
-  return q_rows >= 128 ? jfm::DecodeVariant::kSeesaw : jfm::DecodeVariant::kWgmma;
+  (void)q_rows;
+  return jfm::DecodeVariant::kPipelined;
 }
 
 ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> seqlens,

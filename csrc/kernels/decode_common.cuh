@@ -14,6 +14,9 @@ constexpr int kThreads = 256;
 constexpr int kChunksPerRow = kHeadDimQK / 8;             // 16-byte chunks in a 576-wide row
 constexpr int kTileElems = kBlockM * kHeadDimQK;          // 64 x 576 (Q tile and K tile)
 constexpr int kColBlockBytes = kBlockM * 128;  // one 64-row x 64-column bf16 block, SW128
+constexpr int kTileElem = kColBlockBytes / 2;   // elements of one such block
+constexpr int kPTileElem = 8 * kTileElem;       // offset of tile 8 (RoPE) in a page buffer
+constexpr int kWgThreads = 128;
 constexpr int kSmemAlign = 1024;               // 128B-swizzle atoms must be 1024-byte aligned
 constexpr float kLn2 = 0.69314718055994530942f;
 constexpr float kMaxInit = -1e30f;  // finite: exp2(m_old - m_new) never sees inf - inf
@@ -269,6 +272,110 @@ __device__ __forceinline__ void store_result(const DecodeParams& p, const Piece&
     if (write_lse && ok_lo) p.lse_accum[row_base + r_lo] = empty_lo ? -INFINITY : log2f(L_lo) + m_lo;
     if (write_lse && ok_hi) p.lse_accum[row_base + r_hi] = empty_hi ? -INFINITY : log2f(L_hi) + m_hi;
   }
+}
+
+// ---- building blocks of the two-warpgroup schedules (seesaw v3, pipelined v4) -------------
+
+__device__ __forceinline__ void bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
+
+// S = Q K^T over all 64 keys of the page in `sk` (36 wgmma m64n64k16), waited for.
+template <typename T>
+__device__ __forceinline__ void qk_full(float (&s)[8][4], const T* sq, const T* sk) {
+  float (&sf)[32] = reinterpret_cast<float(&)[32]>(s);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) sf[i] = 0.f;
+  const uint32_t q_base = smem_addr(sq), k_base = smem_addr(sk);
+  fence_regs(sf);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kHeadDimQK / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
+    MmaOp<T>::qk(sf, smem_desc(q_base + off, 16, 1024), smem_desc(k_base + off, 16, 1024), 1);
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_regs(sf);
+}
+
+// Issues O_half += P V_half (P: a [64 x 64] SW128 tile `sp`; V = dims half*256.. of the page in
+// `sv`, read MN-major); not waited.
+template <typename T>
+__device__ __forceinline__ void pv_issue(float (&o)[32][4], const T* sp, const T* sv,
+                                         int half) {
+  float (&of)[128] = reinterpret_cast<float(&)[128]>(o);
+  const uint32_t p_base = smem_addr(sp);
+  const uint32_t v_base = smem_addr(sv) + half * 4 * kColBlockBytes;
+  fence_regs(of);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kPageSize / 16; ++ks) {
+    MmaOp<T>::pv(of, smem_desc(p_base + ks * 32, 16, 1024),
+                 smem_desc(v_base + ks * 16 * 128, kColBlockBytes, 1024));
+  }
+  wgmma_commit();
+}
+
+__device__ __forceinline__ void pv_wait(float (&o)[32][4]) {
+  wgmma_wait_all();
+  fence_regs(reinterpret_cast<float(&)[128]>(o));
+}
+
+__device__ __forceinline__ void scale_rows(float (&o)[32][4], float lo, float hi) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    o[j][0] *= lo;
+    o[j][1] *= lo;
+    o[j][2] *= hi;
+    o[j][3] *= hi;
+  }
+}
+
+// Masks S of page `blk` (select -inf past each row's border), returns the quad row maxima.
+__device__ __forceinline__ void mask_and_max(float (&s)[8][4], int blk, const Piece& pc,
+                                             float& mx_lo, float& mx_hi) {
+  const int lane = threadIdx.x % 32;
+  mx_lo = -INFINITY;
+  mx_hi = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int key0 = blk * kPageSize + j * 8 + 2 * (lane % 4);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      s[j][e] = key0 + e < pc.border_lo ? s[j][e] : -INFINITY;
+      s[j][2 + e] = key0 + e < pc.border_hi ? s[j][2 + e] : -INFINITY;
+      mx_lo = fmaxf(mx_lo, s[j][e]);
+      mx_hi = fmaxf(mx_hi, s[j][2 + e]);
+    }
+  }
+  mx_lo = quad_max(mx_lo);
+  mx_hi = quad_max(mx_hi);
+}
+
+// P = 2^(S * scale - m) into the [64 x 64] tile `sp` (bf16/fp16); returns the thread's row sums.
+template <typename T>
+__device__ __forceinline__ void exp_and_store(const float (&s)[8][4], float scale_log2,
+                                              float m_lo, float m_hi, T* sp, int r_lo,
+                                              int r_hi, float& sum_lo, float& sum_hi) {
+  const int lane = threadIdx.x % 32;
+  sum_lo = sum_hi = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float p0 = exp2f(fmaf(s[j][0], scale_log2, -m_lo));
+    const float p1 = exp2f(fmaf(s[j][1], scale_log2, -m_lo));
+    const float p2 = exp2f(fmaf(s[j][2], scale_log2, -m_hi));
+    const float p3 = exp2f(fmaf(s[j][3], scale_log2, -m_hi));
+    sum_lo += p0 + p1;
+    sum_hi += p2 + p3;
+    const int within = 2 * (lane % 4);
+    *reinterpret_cast<uint32_t*>(sp + p_offset(r_lo, j) + within) = MmaOp<T>::pack(p0, p1);
+    *reinterpret_cast<uint32_t*>(sp + p_offset(r_hi, j) + within) = MmaOp<T>::pack(p2, p3);
+  }
+  fence_proxy_async();  // P feeds wgmma (async proxy) of both warpgroups
 }
 
 }  // namespace decode_detail

@@ -33,15 +33,6 @@ constexpr int kBarS0 = 8;          // WG0 -> WG1: P0, M0, s0 published
 constexpr int kBarS1 = 9;          // WG1 -> WG0: P1, M1, s1 published
 constexpr int kBarK0Free = 10;     // WG1 -> WG0: WG1 no longer reads K0
 constexpr int kBarK1Free = 11;     // WG0 -> WG1: WG0 no longer reads K1
-constexpr int kWgThreads = 128;
-constexpr int kPTileElem = 8 * (kColBlockBytes / 2);  // P lives in tile 8 of a K buffer
-
-__device__ __forceinline__ void bar_sync(int id, int n) {
-  asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
-}
 
 template <typename T>
 struct SeesawSmem {
@@ -54,101 +45,6 @@ struct SeesawSmem {
 };
 constexpr int kSeesawSmemBytes = (int)sizeof(SeesawSmem<__nv_bfloat16>) + kSmemAlign;
 static_assert(kSeesawSmemBytes <= 232448, "exceeds the sm_90 per-block opt-in shared memory");
-
-// S = Q K^T over all 64 keys of the page in `sk` (36 wgmma m64n64k16), waited for.
-template <typename T>
-__device__ __forceinline__ void qk_full(float (&s)[8][4], const T* sq, const T* sk) {
-  float (&sf)[32] = reinterpret_cast<float(&)[32]>(s);
-#pragma unroll
-  for (int i = 0; i < 32; ++i) sf[i] = 0.f;
-  const uint32_t q_base = smem_addr(sq), k_base = smem_addr(sk);
-  fence_regs(sf);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kHeadDimQK / 16; ++kk) {
-    const uint32_t off = (kk >> 2) * kColBlockBytes + (kk & 3) * 32;
-    MmaOp<T>::qk(sf, smem_desc(q_base + off, 16, 1024), smem_desc(k_base + off, 16, 1024), 1);
-  }
-  wgmma_commit();
-  wgmma_wait_all();
-  fence_regs(sf);
-}
-
-// Issues O_half += P V_half (P from tile 8 of `sp_buf`, V = dims half*256.. of `sv`); not waited.
-template <typename T>
-__device__ __forceinline__ void pv_issue(float (&o)[32][4], const T* sp_buf, const T* sv,
-                                         int half) {
-  float (&of)[128] = reinterpret_cast<float(&)[128]>(o);
-  const uint32_t p_base = smem_addr(sp_buf + kPTileElem);
-  const uint32_t v_base = smem_addr(sv) + half * 4 * kColBlockBytes;
-  fence_regs(of);
-  wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < kPageSize / 16; ++ks) {
-    MmaOp<T>::pv(of, smem_desc(p_base + ks * 32, 16, 1024),
-                 smem_desc(v_base + ks * 16 * 128, kColBlockBytes, 1024));
-  }
-  wgmma_commit();
-}
-
-__device__ __forceinline__ void pv_wait(float (&o)[32][4]) {
-  wgmma_wait_all();
-  fence_regs(reinterpret_cast<float(&)[128]>(o));
-}
-
-__device__ __forceinline__ void scale_rows(float (&o)[32][4], float lo, float hi) {
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    o[j][0] *= lo;
-    o[j][1] *= lo;
-    o[j][2] *= hi;
-    o[j][3] *= hi;
-  }
-}
-
-// Masks S of page `blk` (select -inf past each row's border), returns the quad row maxima.
-__device__ __forceinline__ void mask_and_max(float (&s)[8][4], int blk, const Piece& pc,
-                                             float& mx_lo, float& mx_hi) {
-  const int lane = threadIdx.x % 32;
-  mx_lo = -INFINITY;
-  mx_hi = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int key0 = blk * kPageSize + j * 8 + 2 * (lane % 4);
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      s[j][e] = key0 + e < pc.border_lo ? s[j][e] : -INFINITY;
-      s[j][2 + e] = key0 + e < pc.border_hi ? s[j][2 + e] : -INFINITY;
-      mx_lo = fmaxf(mx_lo, s[j][e]);
-      mx_hi = fmaxf(mx_hi, s[j][2 + e]);
-    }
-  }
-  mx_lo = quad_max(mx_lo);
-  mx_hi = quad_max(mx_hi);
-}
-
-// P = 2^(S * scale - m) into tile 8 of `sp_buf` (bf16/fp16); returns the thread's row sums.
-template <typename T>
-__device__ __forceinline__ void exp_and_store(const float (&s)[8][4], float scale_log2,
-                                              float m_lo, float m_hi, T* sp_buf, int r_lo,
-                                              int r_hi, float& sum_lo, float& sum_hi) {
-  const int lane = threadIdx.x % 32;
-  T* sp = sp_buf + kPTileElem;
-  sum_lo = sum_hi = 0.f;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const float p0 = exp2f(fmaf(s[j][0], scale_log2, -m_lo));
-    const float p1 = exp2f(fmaf(s[j][1], scale_log2, -m_lo));
-    const float p2 = exp2f(fmaf(s[j][2], scale_log2, -m_hi));
-    const float p3 = exp2f(fmaf(s[j][3], scale_log2, -m_hi));
-    sum_lo += p0 + p1;
-    sum_hi += p2 + p3;
-    const int within = 2 * (lane % 4);
-    *reinterpret_cast<uint32_t*>(sp + p_offset(r_lo, j) + within) = MmaOp<T>::pack(p0, p1);
-    *reinterpret_cast<uint32_t*>(sp + p_offset(r_hi, j) + within) = MmaOp<T>::pack(p2, p3);
-  }
-  fence_proxy_async();  // P feeds wgmma (async proxy) of both warpgroups
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) seesaw_kernel(const __grid_constant__ DecodeParams p) {
@@ -204,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, 1) seesaw_kernel(const __grid_consta
         const float new_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
         const float s0_lo = exp2f(m_lo - new_lo), s0_hi = exp2f(m_hi - new_hi);
         float sum_lo, sum_hi;
-        exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.k[0], r_lo, r_hi, sum_lo, sum_hi);
+        exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.k[0] + kPTileElem, r_lo, r_hi, sum_lo, sum_hi);
         l_lo = l_lo * s0_lo + sum_lo;
         l_hi = l_hi * s0_hi + sum_hi;
         scale_rows(o, s0_lo, s0_hi);
@@ -215,7 +111,7 @@ __global__ void __launch_bounds__(kThreads, 1) seesaw_kernel(const __grid_consta
           sm.scale0[r_hi] = s0_hi;
         }
         bar_arrive(kBarS0, kThreads);
-        pv_issue<T>(o, sm.k[0], sm.k[0], 0);  // O_L += P0 V0_L, overlapping WG1's softmax
+        pv_issue<T>(o, sm.k[0] + kPTileElem, sm.k[0], 0);  // O_L += P0 V0_L, overlapping WG1's softmax
         bar_sync(kBarS1, kThreads);
         const float s1_lo = sm.scale1[r_lo], s1_hi = sm.scale1[r_hi];
         m_lo = sm.m[r_lo];
@@ -225,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1) seesaw_kernel(const __grid_consta
         l_lo *= s1_lo;
         l_hi *= s1_hi;
         if (has1) {
-          pv_issue<T>(o, sm.k[1], sm.k[1], 0);  // O_L += P1 V1_L
+          pv_issue<T>(o, sm.k[1] + kPTileElem, sm.k[1], 0);  // O_L += P1 V1_L
           pv_wait(o);
         }
         if (refill1) bar_arrive(kBarK1Free, kThreads);
@@ -249,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1) seesaw_kernel(const __grid_consta
         scale_rows(o, s0_lo, s0_hi);
         l_lo *= s0_lo;
         l_hi *= s0_hi;
-        pv_issue<T>(o, sm.k[0], sm.k[0], 1);  // O_R += P0 V0_R, overlapping the softmax below
+        pv_issue<T>(o, sm.k[0] + kPTileElem, sm.k[0], 1);  // O_R += P0 V0_R, overlapping the softmax below
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
         if (has1) mask_and_max(s, b + 1, pc, mx_lo, mx_hi);
         const float new_lo = fmaxf(m0_lo, mx_lo * p.scale_log2);
@@ -257,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 1) seesaw_kernel(const __grid_consta
         const float s1_lo = exp2f(m0_lo - new_lo), s1_hi = exp2f(m0_hi - new_hi);
         float sum_lo = 0.f, sum_hi = 0.f;
         if (has1) {
-          exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.k[1], r_lo, r_hi, sum_lo, sum_hi);
+          exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.k[1] + kPTileElem, r_lo, r_hi, sum_lo, sum_hi);
         }
         l_lo = l_lo * s1_lo + sum_lo;
         l_hi = l_hi * s1_hi + sum_hi;
@@ -274,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1) seesaw_kernel(const __grid_consta
         if (refill0) bar_arrive(kBarK0Free, kThreads);
         scale_rows(o, s1_lo, s1_hi);
         if (has1) {
-          pv_issue<T>(o, sm.k[1], sm.k[1], 1);  // O_R += P1 V1_R
+          pv_issue<T>(o, sm.k[1] + kPTileElem, sm.k[1], 1);  // O_R += P1 V1_R
           pv_wait(o);
         }
         if (refill1) {

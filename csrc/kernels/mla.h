@@ -16,9 +16,10 @@ constexpr int kMaxBatch = 32768;      // scheduler stages seqlens in shared memo
 
 enum class ElemType { kBF16, kFP16 };
 
-// Decode kernel back end: per-warp mma.sync (v1), warpgroup wgmma (v2), or wgmma with the two
-// warpgroups alternating pages so softmax overlaps MMAs (v3, "seesaw").
-enum class DecodeVariant { kMmaSync, kWgmma, kSeesaw };
+// Decode kernel back end: per-warp mma.sync (v1), warpgroup wgmma (v2), wgmma with the two
+// warpgroups alternating pages so softmax overlaps MMAs (v3, "seesaw"), and v3's schedule fed by
+// per-tile TMA loads that refill each tile as soon as it is free (v4, "pipelined").
+enum class DecodeVariant { kMmaSync, kWgmma, kSeesaw, kPipelined };
 
 // One decode call. All tensors are dense row-major, as XLA hands them over.
 struct DecodeParams {
@@ -45,6 +46,8 @@ cudaError_t launch_scheduler(const int32_t* seqlens, int b, int parts, int32_t* 
 cudaError_t prepare_decode(ElemType t);
 cudaError_t prepare_seesaw(ElemType t);
 cudaError_t launch_seesaw(const DecodeParams& p, ElemType t, cudaStream_t stream);
+cudaError_t prepare_pipelined(ElemType t);
+cudaError_t launch_pipelined(const DecodeParams& p, ElemType t, cudaStream_t stream);
 
 // Split-KV decode: unsplit requests write out/lse, split pieces write o_accum/lse_accum.
 cudaError_t launch_decode(const DecodeParams& p, ElemType t, DecodeVariant v,

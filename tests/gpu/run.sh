@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
-#   tests/gpu/run.sh [build] [test] [sanitize] [graphs] [example] [multi] [bench] [bench-quick]
-#                    [bench-mma]
+#   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
+#                    [bench-quick] [bench-variants] [bench-mma]
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
 set -uo pipefail
@@ -38,6 +38,16 @@ if want build; then
     note "sass: HGMMA=$(grep -c HGMMA "$OUT/kernels.sass") HMMA=$(grep -c ' HMMA' "$OUT/kernels.sass") local-mem LDL/STL=$(grep -c -E 'LDL|STL' "$OUT/kernels.sass")"
   fi
   python3 -c "import jax, jax_flashmla as f; print('jax', jax.__version__, f.build_info(), jax.devices())"
+fi
+
+if want smoke; then  # a few grid cases, time-limited: a hang or wrong result shows up in seconds
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout 240 python3 -m pytest tests/gpu -m gpu -q -x \
+    --tb=short -p no:cacheprovider -k "test_dense_grid and bf16 and (1-1-1- or 2-128-1- or 4-64-8- or 1-9-3-)" \
+    > "$OUT/smoke.log" 2>&1
+  rc=$?
+  tail -15 "$OUT/smoke.log"
+  note "smoke: rc=$rc $(grep -E 'passed|failed' "$OUT/smoke.log" | tail -1)"
+  [ $rc -ne 0 ] && { cat "$SUMMARY"; exit 1; }
 fi
 
 if want test; then
@@ -86,6 +96,27 @@ if want bench || want bench-quick; then
   python3 -m jax_flashmla.bench --json "$OUT/bench.json" "${extra[@]}" > "$OUT/bench.log" 2>&1
   note "bench: rc=$?"
   tail -32 "$OUT/bench.log"
+fi
+
+if want bench-variants; then  # the grid's corners under each back end (BENCH_KERNELS overrides)
+  cases=${BENCH_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=16384;s_q=1,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=16384"}
+  for k in ${BENCH_KERNELS:-pipelined seesaw wgmma}; do
+    JAX_FLASHMLA_DECODE_KERNEL=$k python3 -m jax_flashmla.bench --no-naive --reps 5 --cases "$cases" \
+      --json "$OUT/bench_$k.json" > "$OUT/bench_$k.log" 2>&1
+    note "bench ($k): rc=$?"
+    grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+" "$OUT/bench_$k.log" | tee -a "$SUMMARY"
+  done
+fi
+
+if want ncu; then  # one decode launch of a compute-bound case under Nsight Compute
+  case=${NCU_CASE:-"b=128,s_q=2,h_q=128,s_k=4096"}
+  timeout 300 ncu --target-processes all -k regex:${NCU_KERNEL:-pipelined} --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
+    python3 -m jax_flashmla.bench --no-naive --reps 1 --target-ms 1 --cases "$case" \
+    > "$OUT/ncu.log" 2>&1
+  note "ncu: rc=$?"
+  grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|Shared|Tensor|Stall|Issued|Eligible|Warp Cycles|L2 Hit|L1/TEX Hit|Registers" "$OUT/ncu.log" | head -60
 fi
 
 if want bench-mma; then  # the v1 (mma.sync) kernel on the same grid, for comparison

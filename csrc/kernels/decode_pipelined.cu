@@ -1,0 +1,425 @@
+// Split-KV MLA decode, sm_90a, v4: the seesaw schedule of v3 fed by a tile-granular TMA pipeline.
+//
+// The math is v3's (decode_seesaw.cu): pages go in pairs (b in buffer K0, b + 1 in K1); WG0 owns
+// QK^T of page b and O's left half, WG1 owns QK^T of page b + 1 and O's right half; they share the
+// running row max through smem, and each warpgroup's softmax overlaps the other's MMAs.
+//
+// What changes is how pages arrive. v3 refilled a whole 72 KB buffer only after both warpgroups
+// were done with it, so every pair waited for two page loads. Here a page is nine 64 x 64 tiles,
+// each loaded by its own TMA copy that signals its own mbarrier, and each tile is refilled the
+// moment its last reader is done with it:
+//   K0 tile 8 (RoPE of page b)  read only by WG0's QK^T(b)   -> refilled by WG0 at pair start
+//   K0 tiles 0-3 (V_L of b)     WG0's PV(P0)                 -> refilled by WG0 after that PV
+//   K0 tiles 4-7 (V_R of b)     WG1's PV(P0)                 -> refilled by WG1 after that PV
+//   K1 tiles 0-3 (V_L of b + 1) WG0's PV(P1)                 -> refilled by WG0 after that PV
+//   K1 tiles 4-7 (V_R of b + 1) WG1's PV(P1)                 -> refilled by WG1 after that PV
+//   K1 tile 8 (holds P1)        both PV(P1)                   -> refilled by WG1 after both
+// P0 lives in its own tile (sp0), so all of page b + 2 is in flight by the middle of the pair
+// and QK^T(b + 2) (tile order 8, 0-3, 4-7) rarely waits. QK^T consumes tiles as they land.
+// Out-of-range page ids become out-of-bounds TMA coordinates, which TMA fills with zeros; rows
+// at or past seqlen of a partial last page are zeroed in smem before PV (garbage / NaN must not
+// reach P * V; their logits are masked by selection).
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "kernels/decode_common.cuh"
+#include "kernels/mla.h"
+
+namespace jfm {
+namespace {
+
+using namespace decode_detail;
+
+// Named barriers (0 is __syncthreads). Cross-warpgroup ones: 128 arrive + 128 sync = 256.
+constexpr int kBarS0 = 1;       // WG0 -> WG1: P0, M0, s0 published
+constexpr int kBarS1 = 2;       // WG1 -> WG0: P1, M1, s1 published
+constexpr int kBarP0Free = 3;   // WG1 -> WG0: WG1's PV(P0) retired, sp0 may be rewritten
+constexpr int kBarP1Free = 4;   // WG0 -> WG1: WG0's PV(P1) retired, K1 tile 8 may be refilled
+constexpr int kBarWgBase = 5;   // 5 + wg: one warpgroup only (128)
+constexpr int kTiles = kHeadDimQK / 64;          // 9 tiles of 64 columns per page
+constexpr uint32_t kTileBytes = kColBlockBytes;  // 8 KB
+
+template <typename T>
+struct PipelinedSmem {
+  T q[kTileElems];
+  T k[2][kTileElems];
+  T p0[kTileElem];           // P of the even page (WG0 writes, both read)
+  float m[kBlockM];          // shared running row max (log2 units)
+  float scale0[kBlockM];     // s0 of the current pair
+  float scale1[kBlockM];     // s1 of the current pair
+  float row_sum[2][kBlockM];
+  uint64_t tile_bar[2][kTiles];  // one mbarrier per K tile: its TMA load landed
+};
+constexpr int kPipelinedSmemBytes = (int)sizeof(PipelinedSmem<__nv_bfloat16>) + kSmemAlign;
+static_assert(kPipelinedSmemBytes <= 232448, "exceeds the sm_90 per-block opt-in shared memory");
+
+// ---- mbarrier / TMA -------------------------------------------------------------------------
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
+               :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+// One 64-token x 64-column tile of a cache page (box of the 4-D map {576, 64, h_kv, pages}).
+__device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                              int col, int kvh, int page, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".L2::cache_hint [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n"
+      :: "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(0), "r"(kvh),
+         "r"(page), "l"(policy)
+      : "memory");
+}
+
+// Everything a warpgroup needs to issue and wait for page tiles.
+struct PageLoader {
+  const CUtensorMap* map;
+  uint32_t k_base[2];    // smem address of buffer K0 / K1
+  uint32_t bar_base[2];  // smem address of tile_bar[0][0] / tile_bar[1][0]
+  int kvh;
+  uint64_t policy;
+
+  // Tiles [t0, t1) of cache page `page` into buffer `buf` (called by one thread).
+  __device__ __forceinline__ void issue(int buf, int page, int t0, int t1) const {
+    for (int t = t0; t < t1; ++t) {
+      const uint32_t bar = bar_base[buf] + 8 * t;
+      mbar_expect_tx(bar, kTileBytes);
+      tma_load_tile(k_base[buf] + t * kTileBytes, map, bar, t * 64, kvh, page, policy);
+    }
+  }
+  __device__ __forceinline__ void wait(int buf, int t, uint32_t parity) const {
+    mbar_wait(bar_base[buf] + 8 * t, parity);
+  }
+};
+
+// Order in which warpgroup kWg consumes the tiles of its page: first those refilled earliest
+// (WG0: the RoPE tile, refilled at pair start; WG1: tiles 4-7, which it refills itself).
+template <int kWg>
+__device__ __forceinline__ constexpr int tile_order(int i) {
+  return kWg == 0 ? (i + 8) % kTiles : (i < 4 ? i + 4 : (i < 8 ? i - 4 : 8));
+}
+
+// S = Q K^T over the page in buffer `buf`, consuming its tiles as their loads land; waited for.
+template <typename T, int kWg>
+__device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq, const PageLoader& ld,
+                                             int buf, uint32_t parity) {
+  float (&sf)[32] = reinterpret_cast<float(&)[32]>(s);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) sf[i] = 0.f;
+  const uint32_t q_base = smem_addr(sq), k_base = ld.k_base[buf];
+  fence_regs(sf);
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+    const int t = tile_order<kWg>(i);
+    ld.wait(buf, t, parity);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t off = t * kColBlockBytes + kk * 32;
+      MmaOp<T>::qk(sf, smem_desc(q_base + off, 16, 1024), smem_desc(k_base + off, 16, 1024), 1);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_regs(sf);
+}
+
+// Zeroes rows >= valid of tiles [t0, t0 + 4) of a page buffer (one warpgroup), then makes the
+// zeros visible to this warpgroup's wgmma.
+template <typename T>
+__device__ __forceinline__ void zero_rows(T* buf, int t0, int valid, int wg_tid, int wg) {
+  const int rows = kPageSize - valid;
+  for (int i = wg_tid; i < 4 * rows * 8; i += kWgThreads) {
+    const int t = t0 + i / (rows * 8), row = valid + (i / 8) % rows, chunk = i % 8;
+    *reinterpret_cast<uint4*>(buf + tile_offset(row, t * 8 + chunk)) = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async();
+  bar_sync(kBarWgBase + wg, kWgThreads);
+}
+
+__device__ __forceinline__ int valid_rows(int seqlen, int blk) {
+  return min(max(seqlen - blk * kPageSize, 0), kPageSize);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    pipelined_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kmap) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t misalign = smem_addr(smem_raw) & (kSmemAlign - 1);
+  PipelinedSmem<T>& sm =
+      *reinterpret_cast<PipelinedSmem<T>*>(smem_raw + (misalign ? kSmemAlign - misalign : 0));
+
+  const int mb = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wg = warp >> 2, rg = warp & 3;
+  const int wg_tid = threadIdx.x % kWgThreads;
+  const bool issuer = wg_tid == 0;  // the thread of each warpgroup that issues its TMA copies
+  const int m0 = mb * kBlockM;
+
+  const int32_t* md = p.tile_md + (int64_t)part * kMetadataRow;
+  const int begin_req = md[0];
+  if (begin_req < 0 || begin_req >= p.b) return;
+  const int end_req = min(md[1], p.b - 1);
+  const int r_lo = rg * 16 + lane / 4, r_hi = r_lo + 8;
+  const bool quad_leader = lane % 4 == 0;
+
+  PageLoader ld;
+  ld.map = &kmap;
+  ld.k_base[0] = smem_addr(sm.k[0]);
+  ld.k_base[1] = smem_addr(sm.k[1]);
+  ld.bar_base[0] = smem_addr(&sm.tile_bar[0][0]);
+  ld.bar_base[1] = smem_addr(&sm.tile_bar[1][0]);
+  ld.kvh = kvh;
+  ld.policy = evict_first_policy();
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2 * kTiles; ++i) mbar_init(ld.bar_base[0] + 8 * i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  // Loads into buffer k completed so far; the page now expected there is load number fills[k],
+  // so its tile barriers complete the phase of parity fills[k] & 1.
+  uint32_t fills[2] = {0, 0};
+
+  for (int req = begin_req; req <= end_req; ++req) {
+    const Piece pc = make_piece(p, md, req, begin_req, end_req, m0, r_lo, r_hi);
+    const int32_t* bt = p.block_table + (int64_t)req * p.max_blocks;
+    float o[32][4];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m_lo = kMaxInit, m_hi = kMaxInit, l_lo = 0.f, l_hi = 0.f;
+    float s[8][4];
+
+    if (pc.start < pc.end) {
+      if (threadIdx.x == 0) {
+        ld.issue(0, bt[pc.start], 0, kTiles);
+        if (pc.start + 1 < pc.end) ld.issue(1, bt[pc.start + 1], 0, kTiles);
+      }
+      load_q<T>(p, sm.q, req, kvh, m0);
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();
+      if (wg == 0) {
+        qk_pipelined<T, 0>(s, sm.q, ld, 0, fills[0] & 1);
+      } else if (pc.start + 1 < pc.end) {
+        qk_pipelined<T, 1>(s, sm.q, ld, 1, fills[1] & 1);
+      }
+    }
+
+    for (int b = pc.start; b < pc.end; b += 2) {
+      const bool has1 = b + 1 < pc.end, has2 = b + 2 < pc.end, has3 = b + 3 < pc.end;
+      const uint32_t par0 = fills[0] & 1, par1 = fills[1] & 1;
+      // Page ids of the refills, fetched early so their latency hides behind this pair.
+      const int page2 = issuer && has2 ? bt[b + 2] : 0;
+      const int page3 = issuer && has3 ? bt[b + 3] : 0;
+      if (wg == 0) {
+        if (issuer && has2) ld.issue(0, page2, 8, 9);  // QK^T(b) is done with the RoPE tile
+        float mx_lo, mx_hi;
+        mask_and_max(s, b, pc, mx_lo, mx_hi);
+        const float new_lo = fmaxf(m_lo, mx_lo * p.scale_log2);
+        const float new_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
+        const float s0_lo = exp2f(m_lo - new_lo), s0_hi = exp2f(m_hi - new_hi);
+        if (b > pc.start) bar_sync(kBarP0Free, kThreads);  // WG1 no longer reads sp0
+        float sum_lo, sum_hi;
+        exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.p0, r_lo, r_hi, sum_lo, sum_hi);
+        l_lo = l_lo * s0_lo + sum_lo;
+        l_hi = l_hi * s0_hi + sum_hi;
+        scale_rows(o, s0_lo, s0_hi);
+        if (quad_leader) {
+          sm.m[r_lo] = new_lo;
+          sm.m[r_hi] = new_hi;
+          sm.scale0[r_lo] = s0_lo;
+          sm.scale0[r_hi] = s0_hi;
+        }
+        bar_arrive(kBarS0, kThreads);
+        const int valid0 = valid_rows(pc.seqlen, b);
+        if (valid0 < kPageSize) zero_rows(sm.k[0], 0, valid0, wg_tid, 0);
+        pv_issue<T>(o, sm.p0, sm.k[0], 0);  // O_L += P0 V0_L, overlapping WG1's softmax
+        pv_wait(o);
+        if (has2) {
+          bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's PV reads of V0_L retired
+          if (issuer) ld.issue(0, page2, 0, 4);
+        }
+        bar_sync(kBarS1, kThreads);
+        const float s1_lo = sm.scale1[r_lo], s1_hi = sm.scale1[r_hi];
+        m_lo = sm.m[r_lo];
+        m_hi = sm.m[r_hi];
+        scale_rows(o, s1_lo, s1_hi);
+        l_lo *= s1_lo;
+        l_hi *= s1_hi;
+        if (has1) {
+          ld.wait(1, 0, par1);  // V1_L landed (WG1's QK^T saw it; wait for visibility here)
+          ld.wait(1, 1, par1);
+          ld.wait(1, 2, par1);
+          ld.wait(1, 3, par1);
+          const int valid1 = valid_rows(pc.seqlen, b + 1);
+          if (valid1 < kPageSize) zero_rows(sm.k[1], 0, valid1, wg_tid, 0);
+          pv_issue<T>(o, sm.k[1] + kPTileElem, sm.k[1], 0);  // O_L += P1 V1_L
+          pv_wait(o);
+        }
+        if (has3) {
+          bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's reads of P1 and V1_L retired
+          bar_arrive(kBarP1Free, kThreads);
+          if (issuer) ld.issue(1, page3, 0, 4);
+        }
+        if (has2) qk_pipelined<T, 0>(s, sm.q, ld, 0, par0 ^ 1);
+      } else {
+        bar_sync(kBarS0, kThreads);
+        const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
+        const float s0_lo = sm.scale0[r_lo], s0_hi = sm.scale0[r_hi];
+        scale_rows(o, s0_lo, s0_hi);
+        l_lo *= s0_lo;
+        l_hi *= s0_hi;
+        ld.wait(0, 4, par0);  // V0_R landed (WG0's QK^T saw it; wait for visibility here)
+        ld.wait(0, 5, par0);
+        ld.wait(0, 6, par0);
+        ld.wait(0, 7, par0);
+        const int valid0 = valid_rows(pc.seqlen, b);
+        if (valid0 < kPageSize) zero_rows(sm.k[0], 4, valid0, wg_tid, 1);
+        pv_issue<T>(o, sm.p0, sm.k[0], 1);  // O_R += P0 V0_R, overlapping the softmax below
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+        if (has1) mask_and_max(s, b + 1, pc, mx_lo, mx_hi);
+        const float new_lo = fmaxf(m0_lo, mx_lo * p.scale_log2);
+        const float new_hi = fmaxf(m0_hi, mx_hi * p.scale_log2);
+        const float s1_lo = exp2f(m0_lo - new_lo), s1_hi = exp2f(m0_hi - new_hi);
+        float sum_lo = 0.f, sum_hi = 0.f;
+        if (has1) {
+          exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.k[1] + kPTileElem, r_lo, r_hi,
+                           sum_lo, sum_hi);
+        }
+        l_lo = l_lo * s1_lo + sum_lo;
+        l_hi = l_hi * s1_hi + sum_hi;
+        m_lo = new_lo;
+        m_hi = new_hi;
+        if (quad_leader) {
+          sm.m[r_lo] = new_lo;
+          sm.m[r_hi] = new_hi;
+          sm.scale1[r_lo] = s1_lo;
+          sm.scale1[r_hi] = s1_hi;
+        }
+        bar_arrive(kBarS1, kThreads);
+        pv_wait(o);
+        if (has2) {
+          bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of P0 and V0_R retired
+          bar_arrive(kBarP0Free, kThreads);
+          if (issuer) ld.issue(0, page2, 4, 8);
+        }
+        scale_rows(o, s1_lo, s1_hi);
+        if (has1) {
+          const int valid1 = valid_rows(pc.seqlen, b + 1);
+          if (valid1 < kPageSize) zero_rows(sm.k[1], 4, valid1, wg_tid, 1);
+          pv_issue<T>(o, sm.k[1] + kPTileElem, sm.k[1], 1);  // O_R += P1 V1_R
+          pv_wait(o);
+        }
+        if (has3) {
+          bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of P1 and V1_R retired
+          if (issuer) ld.issue(1, page3, 4, 8);
+          bar_sync(kBarP1Free, kThreads);        // and WG0's: P1's tile is free
+          if (issuer) ld.issue(1, page3, 8, 9);
+          qk_pipelined<T, 1>(s, sm.q, ld, 1, par1 ^ 1);
+        }
+      }
+      fills[0] += 1;
+      fills[1] += has1 ? 1 : 0;
+    }
+
+    // ---- epilogue: both halves are at the same scale; add the two partial row sums ------
+    l_lo = quad_sum(l_lo);
+    l_hi = quad_sum(l_hi);
+    if (quad_leader) {
+      sm.row_sum[wg][r_lo] = l_lo;
+      sm.row_sum[wg][r_hi] = l_hi;
+    }
+    __syncthreads();
+    const float L_lo = sm.row_sum[0][r_lo] + sm.row_sum[1][r_lo];
+    const float L_hi = sm.row_sum[0][r_hi] + sm.row_sum[1][r_hi];
+    store_result<T>(p, pc, o, L_lo, L_hi, m_lo, m_hi, req, kvh, m0, r_lo, r_hi, wg, wg == 0);
+    __syncthreads();  // row sums and buffers are reused by the next request
+  }
+}
+
+// cuTensorMapEncodeTiled from the driver the runtime already loaded (no -lcuda at link time).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_tiled_fn() {
+  static EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                         cudaEnableDefault, &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      ptr = nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+template <typename T>
+cudaError_t launch_pipelined_t(const DecodeParams& p, cudaStream_t stream) {
+  static_assert(kThreads == 2 * kWgThreads, "two warpgroups");
+  EncodeTiledFn encode = encode_tiled_fn();
+  if (!encode) return cudaErrorNotSupported;
+  // The cache as {576 channels, 64 tokens, h_kv heads, pages}; a box is one 64 x 64 tile.
+  // Coordinates past any edge (a bad page id) read as zeros.
+  const cuuint64_t dims[4] = {(cuuint64_t)kHeadDimQK, (cuuint64_t)kPageSize, (cuuint64_t)p.h_kv,
+                              (cuuint64_t)p.num_blocks};
+  const cuuint64_t token_bytes = (cuuint64_t)p.h_kv * kHeadDimQK * sizeof(T);
+  const cuuint64_t strides[3] = {token_bytes, (cuuint64_t)kHeadDimQK * sizeof(T),
+                                 token_bytes * kPageSize};
+  const cuuint32_t box[4] = {64, (cuuint32_t)kPageSize, 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult r = encode(
+      &map, std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                              : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+      4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  const dim3 grid((p.q_rows + kBlockM - 1) / kBlockM, p.h_kv, p.num_parts);
+  pipelined_kernel<T><<<grid, kThreads, kPipelinedSmemBytes, stream>>>(p, map);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t prepare_pipelined(ElemType t) {
+  return t == ElemType::kBF16
+             ? cudaFuncSetAttribute(pipelined_kernel<__nv_bfloat16>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    kPipelinedSmemBytes)
+             : cudaFuncSetAttribute(pipelined_kernel<__half>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    kPipelinedSmemBytes);
+}
+
+cudaError_t launch_pipelined(const DecodeParams& p, ElemType t, cudaStream_t stream) {
+  return t == ElemType::kBF16 ? launch_pipelined_t<__nv_bfloat16>(p, stream)
+                              : launch_pipelined_t<__half>(p, stream);
+}
+
+}  // namespace jfm
