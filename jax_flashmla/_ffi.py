@@ -10,6 +10,7 @@ import jax
 #: cannot bind to a changed handler).
 METADATA_TARGET = "jax_flashmla_metadata_v1"
 DECODE_TARGET = "jax_flashmla_decode_v1"
+DECODE_FP8_TARGET = "jax_flashmla_decode_fp8_v1"
 
 _lock = threading.Lock()
 _registered = False

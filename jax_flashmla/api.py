@@ -57,7 +57,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         (``uint8 [num_blocks, 64, 1, 656]``, see :mod:`jax_flashmla.fp8`); q must be bf16.
       kv_scale: float32 scalar: ``k_cache`` is ``float8_e4m3fn [num_blocks, 64, h_kv, 576]``
         holding ``kv / kv_scale`` (per-tensor FP8); q must be bf16.
-        FP8 caches run through the reference on CPU; their CUDA kernels are not built yet.
+        FP8 caches run through the reference on CPU and through their own kernel on CUDA.
 
     Returns:
       ``(out [b, s_q, h_q, 512] in q's dtype, lse float32 [b, h_q, s_q])``; natural-log lse;

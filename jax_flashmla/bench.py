@@ -15,6 +15,10 @@ varlen lengths ``max(N(s_k, s_k/2), s_q)``, causal, randomly permuted pages):
 - ``x naive``: speedup over :func:`naive_decode`, the plain jitted JAX decode a user writes today.
 - ``x FlashMLA``: FlashMLA's time on the lent H100 (``shared/anchors/h100.md``) over ours, where
   the case is one of the anchor table's.
+- ``--kv fp8_with_scale|fp8_per_tensor|all``: FP8 KV-cache rows beside the bf16 row of each case
+  (the same data quantized with :mod:`jax_flashmla.fp8`), their bytes counted with the FP8 token
+  size (656 B with scales, 576 B per tensor; q and out stay bf16), and ``fp8/bf16``, the FP8
+  row's time over the bf16 row's.
 
 On CPU the decode runs the pure-JAX reference, so the figures only check the plumbing.
 """
@@ -217,13 +221,35 @@ class Problem:
     num_splits: jax.Array
     mean_len: float
     pad: int
+    kv: str = "bf16"                      # "bf16" (q's dtype), "fp8_with_scale", "fp8_per_tensor"
+    kv_scale: jax.Array | None = None     # fp8_per_tensor only
 
     def decode_args(self):
         return (self.q, self.k_cache, self.block_table, self.cache_seqlens, self.tile_md,
-                self.num_splits)
+                self.num_splits, self.kv_scale)
 
 
-def make_problem(case: Case, dtype) -> Problem:
+#: KV-cache kinds of the benchmark rows, and bytes per cached token and KV head of each.
+KV_KINDS = ("bf16", "fp8_with_scale", "fp8_per_tensor")
+FP8_TOKEN_BYTES = {"fp8_with_scale": 656, "fp8_per_tensor": HEAD_DIM_QK}
+#: Per-tensor scale of the benchmark's FP8 pools (data are randn / 10 clipped to [-1, 1]).
+BENCH_KV_SCALE = 1.0 / 448
+
+
+@functools.partial(jax.jit, static_argnames=("num_chunks", "layout"))
+def _quantize_pool(k_cache, kv_scale, num_chunks, layout):
+    """The bf16 pool in an FP8 layout, one chunk of pages at a time (bounded temporaries)."""
+    from . import fp8
+
+    chunks = k_cache.reshape(num_chunks, -1, *k_cache.shape[1:])
+    if layout == "fp8_with_scale":
+        out = jax.lax.map(fp8.quantize_fp8_with_scale, chunks)
+    else:
+        out = jax.lax.map(lambda c: fp8.quantize_fp8_per_tensor(c, kv_scale), chunks)
+    return out.reshape(-1, *out.shape[2:])
+
+
+def make_problem(case: Case, dtype, kv: str = "bf16") -> Problem:
     lengths = case_lengths(case)
     pad = padded_len(lengths)
     blocks_per_seq = pad // PAGE_SIZE
@@ -239,8 +265,13 @@ def make_problem(case: Case, dtype) -> Problem:
     # Metadata once per step, shared by every call (as a model shares it by all layers).
     tile_md, num_splits = get_mla_metadata(cache_seqlens, case.s_q * case.h_q // case.h_kv,
                                            case.h_kv)
+    kv_scale = None
+    if kv != "bf16":
+        # The same data, quantized; the bf16 pool is dropped once the FP8 one exists.
+        kv_scale = jnp.float32(BENCH_KV_SCALE) if kv == "fp8_per_tensor" else None
+        k_cache = _quantize_pool(k_cache, jnp.float32(BENCH_KV_SCALE), case.b, kv)
     problem = Problem(q, k_cache, jnp.asarray(block_table), cache_seqlens, tile_md, num_splits,
-                      float(lengths.mean()), pad)
+                      float(lengths.mean()), pad, kv, kv_scale)
     jax.block_until_ready(problem.decode_args())
     return problem
 
@@ -249,20 +280,33 @@ def make_problem(case: Case, dtype) -> Problem:
 # The functions timed
 # ---------------------------------------------------------------------------------------------
 #: The public call exactly as a user jits it.
-decode_call = jax.jit(flash_mla_with_kvcache, static_argnames=("head_dim_v", "causal"))
+decode_call = jax.jit(flash_mla_with_kvcache,
+                      static_argnames=("head_dim_v", "causal", "is_fp8_kvcache"))
 
 
-def _decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *, causal):
+def _fp8_kwargs(kv: str, kv_scale) -> dict:
+    if kv == "fp8_with_scale":
+        return {"is_fp8_kvcache": True}
+    if kv == "fp8_per_tensor":
+        return {"kv_scale": kv_scale}
+    return {}
+
+
+def _decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, kv_scale=None, *,
+            causal, kv="bf16"):
     return decode_call(q, k_cache, block_table, cache_seqlens, head_dim_v=HEAD_DIM_V,
-                       tile_scheduler_metadata=tile_md, num_splits=num_splits, causal=causal)
+                       tile_scheduler_metadata=tile_md, num_splits=num_splits, causal=causal,
+                       **_fp8_kwargs(kv, kv_scale))
 
 
-@functools.partial(jax.jit, static_argnames=("causal",))
-def decode_loop(n, q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *, causal):
+@functools.partial(jax.jit, static_argnames=("causal", "kv"))
+def decode_loop(n, q, k_cache, block_table, cache_seqlens, tile_md, num_splits, kv_scale=None, *,
+                causal, kv="bf16"):
     """``n`` decodes in one dispatch; returns the final q (carried through the loop)."""
     def body(_, q_carry):
         out, _ = flash_mla_with_kvcache(q_carry, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
-                                        tile_md, num_splits, causal=causal)
+                                        tile_md, num_splits, causal=causal,
+                                        **_fp8_kwargs(kv, kv_scale))
         # Feed one output element back into q: a loop-carried dependency, so XLA can neither
         # hoist the loop-invariant decode out of the loop nor drop iterations. The in-place
         # one-element update costs nothing next to the decode.
@@ -356,7 +400,7 @@ def time_loop(problem: Problem, causal: bool, *, reps: int, target_s: float,
 
     def run_once() -> float:
         start = time.perf_counter()
-        jax.block_until_ready(decode_loop(n, *args, causal=causal))
+        jax.block_until_ready(decode_loop(n, *args, causal=causal, kv=problem.kv))
         return (time.perf_counter() - start) / iters
 
     run_once()                                           # compile and warm up
@@ -444,13 +488,16 @@ def profile_kernels(fn, args, calls: int) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # One case
 # ---------------------------------------------------------------------------------------------
-def case_work(case: Case, mean_len: float, itemsize: int) -> tuple[float, float]:
-    """FlashMLA's FLOP and byte counts (causal masking not discounted)."""
+def case_work(case: Case, mean_len: float, itemsize: int,
+              kv: str = "bf16") -> tuple[float, float]:
+    """FlashMLA's FLOP and byte counts (causal masking not discounted). FP8 caches: the KV term
+    counts the layout's bytes per token (656 with scales, 576 per tensor); q/out keep itemsize."""
     rows = case.b * case.h_q * case.s_q
     flop = rows * (2 * HEAD_DIM_QK * mean_len + 2 * HEAD_DIM_V * mean_len)
-    nbytes = case.b * itemsize * (case.s_q * case.h_q * HEAD_DIM_QK
-                                  + mean_len * case.h_kv * HEAD_DIM_QK
-                                  + case.s_q * case.h_q * HEAD_DIM_V)
+    kv_token_bytes = FP8_TOKEN_BYTES.get(kv, HEAD_DIM_QK * itemsize)
+    nbytes = case.b * (itemsize * (case.s_q * case.h_q * HEAD_DIM_QK
+                                   + case.s_q * case.h_q * HEAD_DIM_V)
+                       + mean_len * case.h_kv * kv_token_bytes)
     return flop, nbytes
 
 
@@ -487,32 +534,37 @@ def _is_oom(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def run_case(case: Case, opts: argparse.Namespace, env: dict) -> dict:
+def run_case(case: Case, opts: argparse.Namespace, env: dict, kv: str = "bf16") -> dict:
     dtype = jnp.bfloat16 if opts.dtype == "bf16" else jnp.float16
     itemsize = 2
     target_s = opts.target_ms / 1e3
     keep_all = not env["on_gpu"]
     mem = env["device_memory_bytes"]
-    result = {"case": dataclasses.asdict(case), "label": case.label()}
+    result = {"case": dataclasses.asdict(case), "label": case.label(), "kv": kv}
 
     lengths = case_lengths(case)
     pad = padded_len(lengths)
     need = pool_bytes(case, pad, itemsize)
+    if kv != "bf16":  # the bf16 pool and its quantized copy exist together for a moment
+        need += case.b * pad * case.h_kv * FP8_TOKEN_BYTES[kv]
+        if kv == "fp8_with_scale" and case.h_kv != 1:
+            result["skipped"] = "fp8_with_scale caches have one KV head (h_kv = 1)"
+            return result
     if need > 0.8 * mem:
         result["skipped"] = (f"page pool {need / 2**30:.1f} GiB > 80% of the device memory JAX "
                              f"may use")
         return result
 
-    problem = make_problem(case, dtype)
+    problem = make_problem(case, dtype) if kv == "bf16" else make_problem(case, dtype, kv)
     args = problem.decode_args()
-    decode = functools.partial(_decode, causal=case.causal)
+    decode = functools.partial(_decode, causal=case.causal, kv=kv)
     out, _ = decode(*args)
     jax.block_until_ready(out)
 
     single = time_per_call(decode, args, reps=opts.reps, target_s=target_s, keep_all=keep_all)
     loop = time_loop(problem, case.causal, reps=opts.reps, target_s=target_s,
                      single_s=single.median_s)
-    flop, nbytes = case_work(case, problem.mean_len, itemsize)
+    flop, nbytes = case_work(case, problem.mean_len, itemsize, kv)
     t = single.median_s
     ceil = env["ceilings"]
     mem_s = nbytes / (ceil["copy_GBps"] * 1e9)
@@ -550,7 +602,9 @@ def run_case(case: Case, opts: argparse.Namespace, env: dict) -> dict:
             result["profile_error"] = f"{type(e).__name__}: {e}"
 
     result["naive_us"] = None
-    if not opts.no_naive:
+    if kv != "bf16":
+        result["naive_skipped"] = "the naive baseline runs on bf16 caches only"
+    elif not opts.no_naive:
         est = naive_bytes_estimate(case, pad, itemsize)
         result["naive_bytes_estimate"] = est
         if est > 0.4 * mem:
@@ -574,7 +628,7 @@ def run_case(case: Case, opts: argparse.Namespace, env: dict) -> dict:
                     raise
                 result["naive_skipped"] = "out of memory"
 
-    anchor = anchor_for(case, opts.dtype)
+    anchor = anchor_for(case, opts.dtype) if kv == "bf16" else None  # FlashMLA anchors are bf16
     result["flashmla"] = anchor
     if anchor is not None:
         result["speedup_vs_flashmla"] = anchor["us"] / result["us"]
@@ -601,13 +655,17 @@ def format_table(results: list[dict]) -> str:
     cols = [("b", 4), ("s_q", 3), ("h_q", 4), ("h_kv", 4), ("s_k", 6), ("us", 9), ("TFLOPS", 7),
             ("GB/s", 7), ("%roof", 6), ("loop us", 9), ("ovh%", 6), ("naive us", 9),
             ("x naive", 7), ("FlashMLA", 8), ("x FlashMLA", 10)]
+    with_kv = any(r.get("kv", "bf16") != "bf16" for r in results)
+    if with_kv:  # FP8 rows: which cache, and the FP8 row's time over the bf16 row's
+        cols += [("kv", 14), ("fp8/bf16", 8)]
     lines = ["  ".join(name.rjust(w) for name, w in cols)]
     for r in results:
         c = r["case"]
         if "skipped" in r:
             row = [str(c["b"]), str(c["s_q"]), str(c["h_q"]), str(c["h_kv"]), str(c["s_k"])]
+            kv = f" ({r.get('kv', 'bf16')})" if with_kv else ""
             lines.append("  ".join(v.rjust(w) for v, (_, w) in zip(row, cols))
-                         + "  skipped: " + r["skipped"])
+                         + f"  skipped{kv}: " + r["skipped"])
             continue
         anchor = r.get("flashmla")
         row = [str(c["b"]), str(c["s_q"]), str(c["h_q"]), str(c["h_kv"]), str(c["s_k"]),
@@ -617,6 +675,8 @@ def format_table(results: list[dict]) -> str:
                _fmt(r.get("speedup_vs_naive"), ".2f"),
                _fmt(anchor["us"] if anchor else None, "d"),
                _fmt(r.get("speedup_vs_flashmla"), ".2f")]
+        if with_kv:
+            row += [r.get("kv", "bf16"), _fmt(r.get("ratio_vs_bf16"), ".2f")]
         lines.append("  ".join(v.rjust(w) for v, (_, w) in zip(row, cols)))
     return "\n".join(lines)
 
@@ -633,12 +693,14 @@ def write_plot(results: list[dict], path: str) -> str:
     for r in results:
         if "skipped" not in r:
             c = r["case"]
-            series.setdefault((c["b"], c["s_q"], c["h_q"], c["h_kv"]), []).append(r)
+            series.setdefault((c["b"], c["s_q"], c["h_q"], c["h_kv"], r.get("kv", "bf16")),
+                              []).append(r)
     fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (b, s_q, h_q, h_kv), rows in sorted(series.items()):
+    for (b, s_q, h_q, h_kv, kv), rows in sorted(series.items()):
         rows = sorted(rows, key=lambda r: r["case"]["s_k"])
         s_k = [r["case"]["s_k"] for r in rows]
-        name = f"b={b} s_q={s_q} h_q={h_q}" + (f" h_kv={h_kv}" if h_kv != 1 else "")
+        name = (f"b={b} s_q={s_q} h_q={h_q}" + (f" h_kv={h_kv}" if h_kv != 1 else "")
+                + (f" {kv}" if kv != "bf16" else ""))
         line, = ax_t.plot(s_k, [r["us"] for r in rows], marker="o", label=name)
         ax_r.plot(s_k, [r["of_roofline"] * 100 for r in rows], marker="o", label=name,
                   color=line.get_color())
@@ -692,6 +754,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
     p.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--kv", choices=("bf16", "fp8_with_scale", "fp8_per_tensor", "all"),
+                   default="bf16",
+                   help="KV cache: bf16 only (default), or add FP8 rows (656-byte tokens with "
+                        "scales, per-tensor e4m3, or both: all) beside the bf16 row of each case")
     p.add_argument("--no-naive", action="store_true", help="skip the naive JAX baseline")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per figure (median)")
     p.add_argument("--target-ms", type=float, default=None,
@@ -702,6 +768,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error("--reps must be >= 1")
+    args.kv_kinds = (list(KV_KINDS) if args.kv == "all" else
+                     ["bf16"] + ([args.kv] if args.kv != "bf16" else []))
+    if len(args.kv_kinds) > 1 and args.dtype != "bf16":
+        p.error("--kv with FP8 caches needs --dtype bf16 (FP8 decode takes bf16 queries)")
     if args.cases:
         try:
             args.case_list = parse_cases(args.cases)
@@ -750,23 +820,32 @@ def main(argv=None) -> dict:
 
     results = []
     failures = 0
-    for i, case in enumerate(cases, 1):
+    runs = [(case, kv) for case in cases for kv in opts.kv_kinds]
+    bf16_us: dict[Case, float] = {}
+    for i, (case, kv) in enumerate(runs, 1):
+        label = case.label() + (f" kv={kv}" if len(opts.kv_kinds) > 1 else "")
         try:
-            r = run_case(case, opts, env)
+            r = run_case(case, opts, env, kv)
         except Exception as e:  # noqa: BLE001 - report the case and go on with the others
             failures += 1
             first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            r = {"case": dataclasses.asdict(case), "label": case.label(),
+            r = {"case": dataclasses.asdict(case), "label": case.label(), "kv": kv,
                  "skipped": f"failed: {type(e).__name__}: {first_line}"}
             gc.collect()
         results.append(r)
         if "skipped" in r:
-            print(f"[{i}/{len(cases)}] {case.label()}: skipped ({r['skipped']})")
+            print(f"[{i}/{len(runs)}] {label}: skipped ({r['skipped']})")
             continue
-        line = (f"[{i}/{len(cases)}] {case.label()}: {r['us']:.1f} us, {_num(r['TFLOPS'])} TFLOPS, "
+        if kv == "bf16":
+            bf16_us[case] = r["us"]
+        elif case in bf16_us:
+            r["ratio_vs_bf16"] = r["us"] / bf16_us[case]
+        line = (f"[{i}/{len(runs)}] {label}: {r['us']:.1f} us, {_num(r['TFLOPS'])} TFLOPS, "
                 f"{_num(r['GBps'])} GB/s, {r['of_roofline']:.0%} of roofline ({r['bound']}-bound"
                 + (f"; {r['of_roofline_anchor_ceilings']:.0%} with the anchor's ceilings)"
                    if on_gpu else ")"))
+        if r.get("ratio_vs_bf16"):
+            line += f", {r['ratio_vs_bf16']:.2f}x the bf16 time"
         if r.get("naive_us"):
             line += (f", naive {r['naive_us']:.0f} us, max|diff| "
                      f"{r['max_abs_diff_vs_naive']:.2e}")
@@ -786,10 +865,13 @@ def main(argv=None) -> dict:
                 f" ({r['profile_error']})" if r.get("profile_error") else ""))
 
     report = {"meta": {**env, "reps": opts.reps, "target_ms": opts.target_ms,
-                       "dtype": opts.dtype, "argv": list(sys.argv if argv is None else argv),
+                       "dtype": opts.dtype, "kv": opts.kv_kinds,
+                       "argv": list(sys.argv if argv is None else argv),
                        "formulas": {
                            "flop": "b*h_q*s_q*(2*576*L + 2*512*L), L = mean length",
-                           "bytes": "b*(s_q*h_q*576*2 + L*h_kv*576*2 + s_q*h_q*512*2)",
+                           "bytes": "b*(s_q*h_q*576*2 + L*h_kv*576*2 + s_q*h_q*512*2); FP8 "
+                                    "caches: L*h_kv*656 (with scales) or L*h_kv*576 (per "
+                                    "tensor) for the KV term",
                            "of_roofline": "max(bytes/copy_GBps, flop/matmul_TFLOPS) / time",
                            "overhead_pct": "(single-call us - loop us) / loop us * 100"}},
               "cases": results, "failures": failures}
@@ -804,6 +886,8 @@ def main(argv=None) -> dict:
     print()
     print("us: jitted call, back to back; loop us: the same inside one jitted fori_loop; "
           "ovh%: single call over loop; x naive / x FlashMLA: their time over ours"
+          + ("; fp8/bf16: the FP8 row's time over the bf16 row's" if len(opts.kv_kinds) > 1
+             else "")
           + ("" if on_gpu else "  [CPU: pure-JAX reference]"))
     print(format_table(results))
     return report

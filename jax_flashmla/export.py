@@ -1,6 +1,6 @@
 """``jax.export`` of steps that call jax_flashmla (serialize once, run in another process).
 
-- **Exporting for ``cuda``** embeds our two XLA FFI custom calls (:data:`CUSTOM_CALL_TARGETS`).
+- **Exporting for ``cuda``** embeds our XLA FFI custom calls (:data:`CUSTOM_CALL_TARGETS`).
   ``jax.export`` refuses to serialize custom calls that JAX itself does not guarantee stable
   unless each is named in ``disabled_checks``: :func:`export_disabled_checks` gives that list,
   and :func:`export` passes it for you. It is safe to disable: the target names carry a version
@@ -41,7 +41,8 @@ from . import _ffi
 from .kv_cache import PagedMLACache
 
 #: The XLA FFI targets our CUDA lowering emits (scheduler metadata, split-KV decode).
-CUSTOM_CALL_TARGETS: tuple[str, ...] = (_ffi.METADATA_TARGET, _ffi.DECODE_TARGET)
+CUSTOM_CALL_TARGETS: tuple[str, ...] = (_ffi.METADATA_TARGET, _ffi.DECODE_TARGET,
+                                         _ffi.DECODE_FP8_TARGET)
 
 
 def export_disabled_checks() -> list[_jax_export.DisabledSafetyCheck]:

@@ -141,19 +141,30 @@ mlir.register_lowering(decode_p, _decode_cpu_lowering, platform="cpu")
 mlir.register_lowering(decode_p, _decode_cuda_lowering, platform="cuda")
 
 # FP8 KV caches (issue 5): same contract, the cache in one of _checks.KV_LAYOUTS' FP8 layouts
-# plus a float32 scalar kv_scale operand for "fp8_per_tensor". Runs through the reference on CPU;
-# the CUDA kernels for it are not written yet.
+# plus a float32 scalar kv_scale operand for "fp8_per_tensor". Runs through the reference on CPU
+# and through csrc/kernels/decode_fp8.cu on CUDA.
 decode_fp8_p = Primitive("jax_flashmla_decode_fp8")
 decode_fp8_p.multiple_results = True
 decode_fp8_p.def_impl(functools.partial(xla.apply_primitive, decode_fp8_p))
 decode_fp8_p.def_abstract_eval(_decode_abstract_eval)
 
 
-def _decode_fp8_cuda_lowering(ctx, *args, layout, **params):
-    raise NotImplementedError(
-        f"jax_flashmla: the CUDA kernel for FP8 KV caches ({layout}) is not built yet; on a GPU, "
-        "dequantize the cache (jax_flashmla.fp8) and use the bf16 path, or run on CPU, where the "
-        "FP8 path runs through the reference")
+def _decode_fp8_cuda_lowering(ctx, *args, layout, softmax_scale, causal, head_dim_v):
+    """One custom call to ``jax_flashmla_decode_fp8_v1`` (csrc/ffi/handlers_fp8.cu).
+
+    The handler always takes a float32 scalar ``kv_scale`` operand after ``num_splits``: the
+    per-tensor scale, or a constant 1.0 for ``fp8_with_scale`` (whose scales live in the cache).
+    """
+    target = _ffi.DECODE_FP8_TARGET
+    _ffi.ensure_registered()
+    if layout == "fp8_with_scale":
+        args = (*args, mlir.ir_constant(np.float32(1.0)))
+        ctx = ctx.replace(avals_in=(*ctx.avals_in, jax.core.ShapedArray((), jnp.float32)))
+    elif layout != "fp8_per_tensor":
+        raise ValueError(f"decode_fp8: unknown FP8 layout {layout!r}")
+    return jax.ffi.ffi_lowering(target)(
+        ctx, *args, softmax_scale=np.float32(softmax_scale), causal=bool(causal),
+        head_dim_v=np.int64(head_dim_v), layout=str(layout))
 
 
 mlir.register_lowering(decode_fp8_p, _decode_cpu_lowering, platform="cpu")

@@ -29,7 +29,7 @@ NUM_SMS = 132
 N_LAYERS, H_Q, S_Q = 2, 16, 2
 PROMPTS = (70, 1, 130)    # crosses page boundaries; one request has a single cached token
 NUM_PAGES, MAX_BLOCKS = 9, 4
-TARGETS = ("jax_flashmla_metadata_v1", "jax_flashmla_decode_v1")
+TARGETS = ("jax_flashmla_metadata_v1", "jax_flashmla_decode_v1", "jax_flashmla_decode_fp8_v1")
 
 
 def serving_step(caches, q, latent, rope, slots, block_table, seqlens):

@@ -133,15 +133,3 @@ def test_fp8_requires_bf16_queries():
                                   jnp.ones((4, 64, 1, 656), jnp.uint8),
                                   jnp.zeros((1, 4), jnp.int32), jnp.full((1,), 9, jnp.int32),
                                   512, is_fp8_kvcache=True)
-
-
-@pytest.mark.skipif(not fm.is_built_with_cuda(), reason="needs the CUDA extension to lower for cuda")
-def test_fp8_cuda_lowering_says_not_built():
-    q = jnp.ones((1, 1, 16, 576), jnp.bfloat16)
-    cache = jnp.ones((4, 64, 1, 656), jnp.uint8)
-    bt = jnp.zeros((1, 4), jnp.int32)
-    sl = jnp.full((1,), 70, jnp.int32)
-    f = jax.jit(lambda q, c, bt, sl: fm.flash_mla_with_kvcache(q, c, bt, sl, 512,
-                                                               is_fp8_kvcache=True))
-    with pytest.raises(NotImplementedError, match="FP8 KV caches"):
-        f.trace(q, cache, bt, sl).lower(lowering_platforms=("cuda",))

@@ -162,3 +162,110 @@ def test_cpu_lowering_metadata_has_no_custom_call():
     text = f.trace(S((5,), jnp.int32)).lower(lowering_platforms=("cpu",)).as_text()
     assert METADATA_TARGET not in text
     assert "tensor<66x8xi32>" in text
+
+
+# --------------------------------------------------------------------------------------------
+# FP8 KV caches: one custom call to jax_flashmla_decode_fp8_v1 with a kv_scale operand
+# --------------------------------------------------------------------------------------------
+DECODE_FP8_TARGET = "jax_flashmla_decode_fp8_v1"
+
+
+def _operand_types(line: str) -> list[str]:
+    """Operand tensor types of a custom_call line: '... : (tensor<..>, ...) -> (...)'."""
+    head = line.rsplit("->", 1)[0]
+    return re.findall(r"tensor<[^>]*>", head.rsplit(" : (", 1)[1])
+
+
+def _fp8_fn(layout, causal, scale, num_sms):
+    if layout == "fp8_with_scale":
+        def f(q, k, bt, sl):
+            return jax_flashmla.flash_mla_with_kvcache(q, k, bt, sl, 512, softmax_scale=scale,
+                                                       causal=causal, num_sms=num_sms,
+                                                       is_fp8_kvcache=True)
+    else:
+        def f(q, k, bt, sl, kv_scale):
+            return jax_flashmla.flash_mla_with_kvcache(q, k, bt, sl, 512, softmax_scale=scale,
+                                                       causal=causal, num_sms=num_sms,
+                                                       kv_scale=kv_scale)
+    return f
+
+
+def _fp8_args(layout, b, s_q, h_q, h_kv, cache_dtype):
+    q = S((b, s_q, h_q, 576), jnp.bfloat16)
+    width = 656 if layout == "fp8_with_scale" else 576
+    args = (q, S((4 * b, 64, h_kv, width), cache_dtype), S((b, 4), jnp.int32),
+            S((b,), jnp.int32))
+    return args if layout == "fp8_with_scale" else args + (S((), jnp.float32),)
+
+
+FP8_CONTRACT_CASES = [
+    # layout, cache dtype, b, s_q, h_q, h_kv, causal, scale, num_sms, parts
+    ("fp8_with_scale", jnp.uint8, 3, 2, 128, 1, True, None, None, 33),
+    ("fp8_with_scale", jnp.float8_e4m3fn, 2, 1, 16, 1, True, 0.07, 78, 78),
+    ("fp8_per_tensor", jnp.float8_e4m3fn, 1, 4, 64, 2, True, 0.125, 114, 28),
+    ("fp8_per_tensor", jnp.float8_e4m3fn, 2, 1, 128, 1, False, None, None, 66),
+]
+
+
+def _run_fp8_contract(layout, cache_dtype, b, s_q, h_q, h_kv, causal, scale, num_sms, parts):
+    text = _lower(_fp8_fn(layout, causal, scale, num_sms),
+                  _fp8_args(layout, b, s_q, h_q, h_kv, cache_dtype), "cuda")
+    calls = _custom_calls(text)
+    assert set(calls) == {METADATA_TARGET, DECODE_FP8_TARGET}, sorted(calls)
+    (md_line,) = calls[METADATA_TARGET]
+    (line,) = calls[DECODE_FP8_TARGET]
+    assert _attr(md_line, "num_sm_parts") == f"{parts} : i64"
+    assert _attr(line, "layout") == f'"{layout}"'
+    assert _attr(line, "head_dim_v") == "512 : i64"
+    assert _attr(line, "causal") == ("true" if causal and s_q > 1 else "false")
+    scale_attr = _attr(line, "softmax_scale")
+    assert scale_attr.endswith(": f32"), scale_attr
+    want = 576 ** -0.5 if scale is None else scale
+    assert float(scale_attr.split(":")[0]) == pytest.approx(np.float32(want), rel=1e-7)
+    width = 656 if layout == "fp8_with_scale" else 576
+    cache_t = {jnp.uint8: "ui8", jnp.float8_e4m3fn: "f8E4M3FN"}[cache_dtype]
+    rows, slots = s_q * h_q // h_kv, b + parts
+    assert _operand_types(line) == [
+        f"tensor<{b}x{s_q}x{h_q}x576xbf16>", f"tensor<{4 * b}x64x{h_kv}x{width}x{cache_t}>",
+        f"tensor<{b}x4xi32>", f"tensor<{b}xi32>", f"tensor<{parts}x8xi32>", f"tensor<{b + 1}xi32>",
+        "tensor<f32>"]
+    assert _results(line) == [
+        f"tensor<{b}x{s_q}x{h_q}x512xbf16>", f"tensor<{b}x{h_q}x{s_q}xf32>",
+        f"tensor<{slots}x{h_kv}x{rows}x512xf32>", f"tensor<{slots}x{h_kv}x{rows}xf32>"]
+    md_value = re.match(r"\s*(%[\w#]+)(?::\d+)? =", md_line).group(1)
+    assert f"{md_value}#0" in line and f"{md_value}#1" in line
+    # kv_scale: the caller's scalar (the last argument) per tensor, a constant 1.0 with scales.
+    operands = re.search(rf"@{DECODE_FP8_TARGET}\(([^)]*)\)", line).group(1).split(", ")
+    assert len(operands) == 7
+    if layout == "fp8_with_scale":
+        const = re.search(rf"{re.escape(operands[6])} = stablehlo\.constant dense<([^>]*)>", text)
+        assert const and float(const.group(1)) == 1.0, operands[6]
+    else:  # the caller's scalar (reshaped to rank 0 by the API), not a constant
+        assert not re.search(rf"{re.escape(operands[6])} = stablehlo\.constant", text), operands
+        assert "%arg4" in text
+
+
+@pytest.mark.parametrize("case", FP8_CONTRACT_CASES, ids=lambda c: f"{c[0]}-{c[2]}x{c[3]}x{c[4]}")
+def test_fp8_cuda_lowering_contract_with_registration_stubbed(monkeypatch, case):
+    monkeypatch.setattr(_ffi, "ensure_registered", lambda: None)
+    _run_fp8_contract(*case)
+
+
+@needs_extension
+@pytest.mark.parametrize("case", FP8_CONTRACT_CASES, ids=lambda c: f"{c[0]}-{c[2]}x{c[3]}x{c[4]}")
+def test_fp8_cuda_lowering_contract(case):
+    _run_fp8_contract(*case)
+
+
+@needs_extension
+def test_fp8_target_is_registered_by_the_extension():
+    assert DECODE_FP8_TARGET in _ffi.extension().registrations()
+
+
+@pytest.mark.parametrize("layout", ["fp8_with_scale", "fp8_per_tensor"])
+def test_fp8_cpu_lowering_has_no_custom_calls_to_our_targets(layout):
+    cache_dtype = jnp.uint8 if layout == "fp8_with_scale" else jnp.float8_e4m3fn
+    text = _lower(_fp8_fn(layout, True, None, None), _fp8_args(layout, 2, 2, 16, 1, cache_dtype),
+                  "cpu")
+    assert not any(t.startswith("jax_flashmla") for t in _custom_calls(text))
+    assert "tensor<2x2x16x512xbf16>" in text

@@ -71,6 +71,15 @@ jfm::DecodeVariant decode_variant(int64_t q_rows) {
   return jfm::DecodeVariant::kPipelined;
 }
 
+// Kernel experiment switches (bit flags, see decode_pipelined.cu); read once, 0 = defaults.
+int tuning_flags() {
+  static const int flags = [] {
+    const char* env = std::getenv("JAX_FLASHMLA_TUNING");
+    return env ? std::atoi(env) : 0;
+  }();
+  return flags;
+}
+
 ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> seqlens,
                         ffi::ResultBuffer<ffi::S32> tile_md, ffi::ResultBuffer<ffi::S32> num_splits,
                         int64_t num_sm_parts) {
@@ -158,6 +167,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.num_parts = (int)parts;
   p.scale_log2 = softmax_scale * 1.44269504088896340736f;
   p.causal = causal && s_q > 1;
+  p.tuning = tuning_flags();
 
   cudaError_t launched = jfm::launch_decode(p, et, decode_variant(q_rows), stream);
   if (launched != cudaSuccess) {

@@ -74,11 +74,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "=r"(done) : "r"(bar), "r"(parity) : "memory");
   } while (!done);
 }
+// Experiment switch (DecodeParams::tuning, JAX_FLASHMLA_TUNING): 1 = after the first two pages
+// of a request, issue no refills and wait for none (wrong results; times the schedule without
+// load latency, to split compute/sync time from load time).
+constexpr int kTuneNoLoads = 1;
 __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
+
 // One 64-token x 64-column tile of a cache page (box of the 4-D map {576, 64, h_kv, pages}).
 __device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* map, uint32_t bar,
                                               int col, int kvh, int page, uint64_t policy) {
@@ -97,6 +102,7 @@ struct PageLoader {
   uint32_t bar_base[2];  // smem address of tile_bar[0][0] / tile_bar[1][0]
   int kvh;
   uint64_t policy;
+  bool skip_waits;  // kTuneNoLoads experiment only
 
   // Tiles [t0, t1) of cache page `page` into buffer `buf` (called by one thread).
   __device__ __forceinline__ void issue(int buf, int page, int t0, int t1) const {
@@ -107,7 +113,7 @@ struct PageLoader {
     }
   }
   __device__ __forceinline__ void wait(int buf, int t, uint32_t parity) const {
-    mbar_wait(bar_base[buf] + 8 * t, parity);
+    if (!skip_waits) mbar_wait(bar_base[buf] + 8 * t, parity);
   }
 };
 
@@ -118,10 +124,11 @@ __device__ __forceinline__ constexpr int tile_order(int i) {
   return kWg == 0 ? (i + 8) % kTiles : (i < 4 ? i + 4 : (i < 8 ? i - 4 : 8));
 }
 
-// S = Q K^T over the page in buffer `buf`, consuming its tiles as their loads land; waited for.
+// Issues S = Q K^T over the page in buffer `buf`, each tile's MMAs as soon as its load lands;
+// one commit group, not waited for.
 template <typename T, int kWg>
-__device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq, const PageLoader& ld,
-                                             int buf, uint32_t parity) {
+__device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const PageLoader& ld,
+                                         int buf, uint32_t parity) {
   float (&sf)[32] = reinterpret_cast<float(&)[32]>(s);
 #pragma unroll
   for (int i = 0; i < 32; ++i) sf[i] = 0.f;
@@ -139,8 +146,19 @@ __device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq, cons
     }
   }
   wgmma_commit();
+}
+
+template <typename T, int kWg>
+__device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq, const PageLoader& ld,
+                                             int buf, uint32_t parity) {
+  qk_issue<T, kWg>(s, sq, ld, buf, parity);
   wgmma_wait_all();
-  fence_regs(sf);
+  fence_regs(reinterpret_cast<float(&)[32]>(s));
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
 }
 
 // Zeroes rows >= valid of tiles [t0, t0 + 4) of a page buffer (one warpgroup), then makes the
@@ -190,6 +208,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   ld.bar_base[1] = smem_addr(&sm.tile_bar[1][0]);
   ld.kvh = kvh;
   ld.policy = evict_first_policy();
+  ld.skip_waits = false;
+  const bool refills = !(p.tuning & kTuneNoLoads);
   if (threadIdx.x == 0) {
     for (int i = 0; i < 2 * kTiles; ++i) mbar_init(ld.bar_base[0] + 8 * i, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -210,6 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float s[8][4];
 
     if (pc.start < pc.end) {
+      ld.skip_waits = false;
       if (threadIdx.x == 0) {
         ld.issue(0, bt[pc.start], 0, kTiles);
         if (pc.start + 1 < pc.end) ld.issue(1, bt[pc.start + 1], 0, kTiles);
@@ -226,19 +247,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
+    int next_page2 = issuer && pc.start + 2 < pc.end && refills ? bt[pc.start + 2] : 0;
+    int next_page3 = issuer && pc.start + 3 < pc.end && refills ? bt[pc.start + 3] : 0;
     for (int b = pc.start; b < pc.end; b += 2) {
       const bool has1 = b + 1 < pc.end, has2 = b + 2 < pc.end, has3 = b + 3 < pc.end;
       const uint32_t par0 = fills[0] & 1, par1 = fills[1] & 1;
-      // Page ids of the refills, fetched early so their latency hides behind this pair.
-      const int page2 = issuer && has2 ? bt[b + 2] : 0;
-      const int page3 = issuer && has3 ? bt[b + 3] : 0;
+      ld.skip_waits = !refills && b > pc.start;
+      // Page ids of this pair's refills were fetched during the previous pair (the issuing
+      // thread would otherwise stall on the load right at pair start); fetch the next pair's.
+      const int page2 = next_page2, page3 = next_page3;
+      next_page2 = issuer && b + 4 < pc.end && refills ? bt[b + 4] : 0;
+      next_page3 = issuer && b + 5 < pc.end && refills ? bt[b + 5] : 0;
       if (wg == 0) {
-        if (issuer && has2) ld.issue(0, page2, 8, 9);  // QK^T(b) is done with the RoPE tile
+        if (issuer && has2 && refills) ld.issue(0, page2, 8, 9);  // QK^T(b) is done with the RoPE tile
         float mx_lo, mx_hi;
         mask_and_max(s, b, pc, mx_lo, mx_hi);
         const float new_lo = fmaxf(m_lo, mx_lo * p.scale_log2);
         const float new_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
-        const float s0_lo = exp2f(m_lo - new_lo), s0_hi = exp2f(m_hi - new_hi);
+        const float s0_lo = fast_exp2(m_lo - new_lo), s0_hi = fast_exp2(m_hi - new_hi);
         if (b > pc.start) bar_sync(kBarP0Free, kThreads);  // WG1 no longer reads sp0
         float sum_lo, sum_hi;
         exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.p0, r_lo, r_hi, sum_lo, sum_hi);
@@ -258,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         pv_wait(o);
         if (has2) {
           bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's PV reads of V0_L retired
-          if (issuer) ld.issue(0, page2, 0, 4);
+          if (issuer && refills) ld.issue(0, page2, 0, 4);
         }
         bar_sync(kBarS1, kThreads);
         const float s1_lo = sm.scale1[r_lo], s1_hi = sm.scale1[r_hi];
@@ -280,9 +306,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (has3) {
           bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's reads of P1 and V1_L retired
           bar_arrive(kBarP1Free, kThreads);
-          if (issuer) ld.issue(1, page3, 0, 4);
+          if (issuer && refills) ld.issue(1, page3, 0, 4);
         }
-        if (has2) qk_pipelined<T, 0>(s, sm.q, ld, 0, par0 ^ 1);
+        if (has2) {
+          ld.skip_waits = !refills;
+          qk_pipelined<T, 0>(s, sm.q, ld, 0, par0 ^ 1);
+        }
       } else {
         bar_sync(kBarS0, kThreads);
         const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
@@ -301,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (has1) mask_and_max(s, b + 1, pc, mx_lo, mx_hi);
         const float new_lo = fmaxf(m0_lo, mx_lo * p.scale_log2);
         const float new_hi = fmaxf(m0_hi, mx_hi * p.scale_log2);
-        const float s1_lo = exp2f(m0_lo - new_lo), s1_hi = exp2f(m0_hi - new_hi);
+        const float s1_lo = fast_exp2(m0_lo - new_lo), s1_hi = fast_exp2(m0_hi - new_hi);
         float sum_lo = 0.f, sum_hi = 0.f;
         if (has1) {
           exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.k[1] + kPTileElem, r_lo, r_hi,
@@ -322,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (has2) {
           bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of P0 and V0_R retired
           bar_arrive(kBarP0Free, kThreads);
-          if (issuer) ld.issue(0, page2, 4, 8);
+          if (issuer && refills) ld.issue(0, page2, 4, 8);
         }
         scale_rows(o, s1_lo, s1_hi);
         if (has1) {
@@ -333,14 +362,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         if (has3) {
           bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of P1 and V1_R retired
-          if (issuer) ld.issue(1, page3, 4, 8);
+          if (issuer && refills) ld.issue(1, page3, 4, 8);
           bar_sync(kBarP1Free, kThreads);        // and WG0's: P1's tile is free
-          if (issuer) ld.issue(1, page3, 8, 9);
+          if (issuer && refills) ld.issue(1, page3, 8, 9);
+          ld.skip_waits = !refills;
           qk_pipelined<T, 1>(s, sm.q, ld, 1, par1 ^ 1);
         }
       }
-      fills[0] += 1;
-      fills[1] += has1 ? 1 : 0;
+      if (refills || b == pc.start) {
+        fills[0] += 1;
+        fills[1] += has1 ? 1 : 0;
+      }
     }
 
     // ---- epilogue: both halves are at the same scale; add the two partial row sums ------

@@ -36,6 +36,7 @@ struct DecodeParams {
   int b, s_q, h_q, h_kv, ng, q_rows, num_blocks, max_blocks, num_parts;
   float scale_log2;         // softmax_scale * log2(e)
   bool causal;
+  int tuning;               // experiment switches (JAX_FLASHMLA_TUNING), 0 = defaults
 };
 
 // Fills tile_md [parts, 8] and num_splits [b + 1] from seqlens [b]; 1 <= b <= kMaxBatch.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
-#                    [bench-quick] [bench-variants] [bench-mma]
+#                    [bench-quick] [bench-variants] [bench-mma] [sanitize-fp8] [bench-fp8]
+#   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
 set -uo pipefail
@@ -65,10 +66,19 @@ fi
 if want sanitize; then
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
     timeout 480 compute-sanitizer --tool memcheck --error-exitcode 3 --kernel-name kns=jfm \
-    python3 tests/gpu/sanitize_cases.py > "$OUT/sanitize.log" 2>&1
+    python3 tests/gpu/sanitize_cases.py ${SANITIZE_CASES:-} > "$OUT/sanitize.log" 2>&1
   rc=$?
   tail -12 "$OUT/sanitize.log"
   note "memcheck: rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitize.log" | tail -1) $(grep -c SANITIZE_OK "$OUT/sanitize.log") ok-lines"
+fi
+
+if want sanitize || want sanitize-fp8; then  # the FP8 KV-cache kernel (issue 5)
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 --kernel-name kns=jfm \
+    python3 tests/gpu/fp8_sanitize_cases.py > "$OUT/sanitize_fp8.log" 2>&1
+  rc=$?
+  tail -8 "$OUT/sanitize_fp8.log"
+  note "memcheck (fp8): rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_fp8.log" | tail -1) $(grep -c SANITIZE_OK "$OUT/sanitize_fp8.log") ok-lines"
 fi
 
 if want graphs; then
@@ -98,13 +108,23 @@ if want bench || want bench-quick; then
   tail -32 "$OUT/bench.log"
 fi
 
+if want bench-fp8; then  # FP8 KV caches (both layouts) beside bf16 on the same cases
+  cases=${BENCH_FP8_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=16384;s_q=1,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=16384"}
+  python3 -m jax_flashmla.bench --kv all --no-naive --cases "$cases" --json "$OUT/bench_fp8.json" \
+    > "$OUT/bench_fp8.log" 2>&1
+  note "bench (fp8): rc=$?"
+  tail -24 "$OUT/bench_fp8.log"
+fi
+
 if want bench-variants; then  # the grid's corners under each back end (BENCH_KERNELS overrides)
   cases=${BENCH_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=16384;s_q=1,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=16384"}
   for k in ${BENCH_KERNELS:-pipelined seesaw wgmma}; do
-    JAX_FLASHMLA_DECODE_KERNEL=$k python3 -m jax_flashmla.bench --no-naive --reps 5 --cases "$cases" \
-      --json "$OUT/bench_$k.json" > "$OUT/bench_$k.log" 2>&1
-    note "bench ($k): rc=$?"
-    grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+" "$OUT/bench_$k.log" | tee -a "$SUMMARY"
+    for t in ${BENCH_TUNINGS:-0}; do  # JAX_FLASHMLA_TUNING bit flags (decode_pipelined.cu)
+      JAX_FLASHMLA_TUNING=$t JAX_FLASHMLA_DECODE_KERNEL=$k python3 -m jax_flashmla.bench --no-naive \
+        --reps 5 --cases "$cases" --json "$OUT/bench_${k}_$t.json" > "$OUT/bench_${k}_$t.log" 2>&1
+      note "bench ($k, tuning $t): rc=$?"
+      grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+" "$OUT/bench_${k}_$t.log" | tee -a "$SUMMARY"
+    done
   done
 fi
 

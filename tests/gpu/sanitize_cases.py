@@ -30,7 +30,10 @@ CASES = [
 
 
 def main():
+    only = {int(a) for a in sys.argv[1:]}  # optional case numbers
     for i, (sub, s_q, h_q, h_kv, causal, dtype) in enumerate(CASES):
+        if only and i not in only:
+            continue
         q, kc, bt, sl = make_merged(100 + i, sub, s_q, h_q, h_kv, dtype)
         md, ns = fm.get_mla_metadata(sl, s_q * h_q // h_kv, h_kv)
         out, lse = fm.flash_mla_with_kvcache(q, kc, bt, sl, 512, md, ns, causal=causal)

@@ -151,6 +151,6 @@ def test_cuda_export_round_trip_in_fresh_process(tmp_path):
     env.pop("JAX_PLATFORMS", None)
     got, info = ex.run_in_fresh_process(exported.serialize(), args, tmp_path, env=env)
     assert info["backend"] == "gpu"
-    assert info["targets"] == list(ex.TARGETS)       # it ran our kernels
+    assert info["targets"] == list(ex.TARGETS[:2])   # it ran our (dense) metadata + decode
     ex.assert_bitwise(got, jax.tree.leaves(want))
 
