@@ -1,10 +1,17 @@
-// Split-KV MLA decode, sm_90a, v4: the seesaw schedule of v3 fed by a tile-granular TMA pipeline.
+// Split-KV MLA decode, sm_90a, v4: the seesaw schedule fed by a tile-granular TMA pipeline.
 //
-// The math is v3's (decode_seesaw.cu): pages go in pairs (b in buffer K0, b + 1 in K1); WG0 owns
-// QK^T of page b and O's left half, WG1 owns QK^T of page b + 1 and O's right half; they share the
-// running row max through smem, and each warpgroup's softmax overlaps the other's MMAs.
+// Pages go in pairs (b in buffer K0, b + 1 in K1); WG0 owns QK^T of page b and O's left half,
+// WG1 owns QK^T of page b + 1 and O's right half; they share the running row max through smem,
+// and each warpgroup's softmax overlaps the other's MMAs. Per pair:
+//   WG0: M0 = max(M, rowmax S0); s0 = 2^(M - M0); P0 = 2^(S0 - M0) -> sp0; O_L *= s0   -> S0
+//        O_L += P0 V0_L;  wait S1;  sp0 = P0 * s1 (P0 at WG1's max)                     -> P0Ready
+//        O_L *= s1; O_L += P1 V1_L; QK^T(b + 2)
+//   WG1: wait S0; M1 = max(M0, rowmax S1); s1 = 2^(M0 - M1); P1 = 2^(S1 - M1) -> K1 tile 8  -> S1
+//        O_R *= s0 s1; O_R += P1 V1_R; wait P0Ready; O_R += (P0 s1) V0_R; QK^T(b + 3)
+// so after the pair both halves are at scale M1 and each O half was rescaled once per max update.
 //
-// What changes is how pages arrive. v3 refilled a whole 72 KB buffer only after both warpgroups
+// Against v3 (decode_seesaw.cu), the pair math is reordered as above (FlashMLA's order: WG1 runs
+// its softmax first and rescales O_R once) and pages arrive differently. v3 refilled a whole 72 KB buffer only after both warpgroups
 // were done with it, so every pair waited for two page loads. Here a page is nine 64 x 64 tiles,
 // each loaded by its own TMA copy that signals its own mbarrier, and each tile is refilled the
 // moment its last reader is done with it:
@@ -39,6 +46,7 @@ constexpr int kBarS1 = 2;       // WG1 -> WG0: P1, M1, s1 published
 constexpr int kBarP0Free = 3;   // WG1 -> WG0: WG1's PV(P0) retired, sp0 may be rewritten
 constexpr int kBarP1Free = 4;   // WG0 -> WG1: WG0's PV(P1) retired, K1 tile 8 may be refilled
 constexpr int kBarWgBase = 5;   // 5 + wg: one warpgroup only (128)
+constexpr int kBarP0Ready = 7;  // WG0 -> WG1: P0 * s1 is in sp0
 constexpr int kTiles = kHeadDimQK / 64;          // 9 tiles of 64 columns per page
 constexpr uint32_t kTileBytes = kColBlockBytes;  // 8 KB
 
@@ -156,6 +164,39 @@ __device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq, cons
   fence_regs(reinterpret_cast<float(&)[32]>(s));
 }
 
+// Writes P * (scale of its row) (bf16/fp16) into the [64 x 64] tile `sp` and fences it for wgmma.
+template <typename T>
+__device__ __forceinline__ void rescale_and_store(const float (&s)[8][4], float sc_lo, float sc_hi,
+                                                  T* sp, int r_lo, int r_hi) {
+  const int within = 2 * (threadIdx.x % 4);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    *reinterpret_cast<uint32_t*>(sp + p_offset(r_lo, j) + within) =
+        MmaOp<T>::pack(s[j][0] * sc_lo, s[j][1] * sc_lo);
+    *reinterpret_cast<uint32_t*>(sp + p_offset(r_hi, j) + within) =
+        MmaOp<T>::pack(s[j][2] * sc_hi, s[j][3] * sc_hi);
+  }
+  fence_proxy_async();
+}
+
+// exp_and_store that also keeps P (fp32) in `s`, for WG0's later rescale of P0.
+template <typename T>
+__device__ __forceinline__ void exp_keep_and_store(float (&s)[8][4], float scale_log2, float m_lo,
+                                                   float m_hi, T* sp, int r_lo, int r_hi,
+                                                   float& sum_lo, float& sum_hi) {
+  sum_lo = sum_hi = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    s[j][0] = fast_exp2(fmaf(s[j][0], scale_log2, -m_lo));
+    s[j][1] = fast_exp2(fmaf(s[j][1], scale_log2, -m_lo));
+    s[j][2] = fast_exp2(fmaf(s[j][2], scale_log2, -m_hi));
+    s[j][3] = fast_exp2(fmaf(s[j][3], scale_log2, -m_hi));
+    sum_lo += s[j][0] + s[j][1];
+    sum_hi += s[j][2] + s[j][3];
+  }
+  rescale_and_store<T>(s, 1.f, 1.f, sp, r_lo, r_hi);
+}
+
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
@@ -267,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float s0_lo = fast_exp2(m_lo - new_lo), s0_hi = fast_exp2(m_hi - new_hi);
         if (b > pc.start) bar_sync(kBarP0Free, kThreads);  // WG1 no longer reads sp0
         float sum_lo, sum_hi;
-        exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.p0, r_lo, r_hi, sum_lo, sum_hi);
+        exp_keep_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.p0, r_lo, r_hi, sum_lo, sum_hi);
         l_lo = l_lo * s0_lo + sum_lo;
         l_hi = l_hi * s0_hi + sum_hi;
         scale_rows(o, s0_lo, s0_hi);
@@ -282,14 +323,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (valid0 < kPageSize) zero_rows(sm.k[0], 0, valid0, wg_tid, 0);
         pv_issue<T>(o, sm.p0, sm.k[0], 0);  // O_L += P0 V0_L, overlapping WG1's softmax
         pv_wait(o);
-        if (has2) {
-          bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's PV reads of V0_L retired
-          if (issuer && refills) ld.issue(0, page2, 0, 4);
-        }
+        bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's reads of P0 and V0_L retired
+        if (has2 && issuer && refills) ld.issue(0, page2, 0, 4);
         bar_sync(kBarS1, kThreads);
         const float s1_lo = sm.scale1[r_lo], s1_hi = sm.scale1[r_hi];
         m_lo = sm.m[r_lo];
         m_hi = sm.m[r_hi];
+        // WG1 takes P0 at its own (newer) max: P0 * s1 replaces P0 in sp0.
+        rescale_and_store<T>(s, s1_lo, s1_hi, sm.p0, r_lo, r_hi);
+        bar_arrive(kBarP0Ready, kThreads);
         scale_rows(o, s1_lo, s1_hi);
         l_lo *= s1_lo;
         l_hi *= s1_hi;
@@ -316,16 +358,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         bar_sync(kBarS0, kThreads);
         const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
         const float s0_lo = sm.scale0[r_lo], s0_hi = sm.scale0[r_hi];
-        scale_rows(o, s0_lo, s0_hi);
-        l_lo *= s0_lo;
-        l_hi *= s0_hi;
-        ld.wait(0, 4, par0);  // V0_R landed (WG0's QK^T saw it; wait for visibility here)
-        ld.wait(0, 5, par0);
-        ld.wait(0, 6, par0);
-        ld.wait(0, 7, par0);
-        const int valid0 = valid_rows(pc.seqlen, b);
-        if (valid0 < kPageSize) zero_rows(sm.k[0], 4, valid0, wg_tid, 1);
-        pv_issue<T>(o, sm.p0, sm.k[0], 1);  // O_R += P0 V0_R, overlapping the softmax below
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
         if (has1) mask_and_max(s, b + 1, pc, mx_lo, mx_hi);
         const float new_lo = fmaxf(m0_lo, mx_lo * p.scale_log2);
@@ -336,10 +368,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.k[1] + kPTileElem, r_lo, r_hi,
                            sum_lo, sum_hi);
         }
-        l_lo = l_lo * s1_lo + sum_lo;
-        l_hi = l_hi * s1_hi + sum_hi;
-        m_lo = new_lo;
-        m_hi = new_hi;
         if (quad_leader) {
           sm.m[r_lo] = new_lo;
           sm.m[r_hi] = new_hi;
@@ -347,23 +375,41 @@ __global__ void __launch_bounds__(kThreads, 1)
           sm.scale1[r_hi] = s1_hi;
         }
         bar_arrive(kBarS1, kThreads);
+        // O_R absorbs both max updates of the pair at once; P0 arrives already at scale M1.
+        scale_rows(o, s0_lo * s1_lo, s0_hi * s1_hi);
+        l_lo = l_lo * (s0_lo * s1_lo) + sum_lo;
+        l_hi = l_hi * (s0_hi * s1_hi) + sum_hi;
+        m_lo = new_lo;
+        m_hi = new_hi;
+        if (has1) {
+          const int valid1 = valid_rows(pc.seqlen, b + 1);
+          if (valid1 < kPageSize) zero_rows(sm.k[1], 4, valid1, wg_tid, 1);
+          pv_issue<T>(o, sm.k[1] + kPTileElem, sm.k[1], 1);  // O_R += P1 V1_R
+        }
+        ld.wait(0, 4, par0);  // V0_R landed (WG0's QK^T saw it; wait for visibility here)
+        ld.wait(0, 5, par0);
+        ld.wait(0, 6, par0);
+        ld.wait(0, 7, par0);
+        const int valid0 = valid_rows(pc.seqlen, b);
+        if (valid0 < kPageSize) zero_rows(sm.k[0], 4, valid0, wg_tid, 1);
+        bar_sync(kBarP0Ready, kThreads);
+        pv_issue<T>(o, sm.p0, sm.k[0], 1);  // O_R += (P0 s1) V0_R
+        if (has1) {
+          wgmma_wait<1>();  // PV(P1) retired (groups retire in order)
+          fence_regs(reinterpret_cast<float(&)[128]>(o));
+          if (has3) {
+            bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of V1_R retired
+            if (issuer && refills) ld.issue(1, page3, 4, 8);
+          }
+        }
         pv_wait(o);
         if (has2) {
           bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of P0 and V0_R retired
           bar_arrive(kBarP0Free, kThreads);
           if (issuer && refills) ld.issue(0, page2, 4, 8);
         }
-        scale_rows(o, s1_lo, s1_hi);
-        if (has1) {
-          const int valid1 = valid_rows(pc.seqlen, b + 1);
-          if (valid1 < kPageSize) zero_rows(sm.k[1], 4, valid1, wg_tid, 1);
-          pv_issue<T>(o, sm.k[1] + kPTileElem, sm.k[1], 1);  // O_R += P1 V1_R
-          pv_wait(o);
-        }
         if (has3) {
-          bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of P1 and V1_R retired
-          if (issuer && refills) ld.issue(1, page3, 4, 8);
-          bar_sync(kBarP1Free, kThreads);        // and WG0's: P1's tile is free
+          bar_sync(kBarP1Free, kThreads);        // WG0 no longer reads P1's tile
           if (issuer && refills) ld.issue(1, page3, 8, 9);
           ld.skip_waits = !refills;
           qk_pipelined<T, 1>(s, sm.q, ld, 1, par1 ^ 1);
