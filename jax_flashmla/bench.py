@@ -555,7 +555,7 @@ def run_case(case: Case, opts: argparse.Namespace, env: dict, kv: str = "bf16") 
                              f"may use")
         return result
 
-    problem = make_problem(case, dtype) if kv == "bf16" else make_problem(case, dtype, kv)
+    problem = make_problem(case, dtype, kv)
     args = problem.decode_args()
     decode = functools.partial(_decode, causal=case.causal, kv=kv)
     out, _ = decode(*args)

@@ -74,10 +74,10 @@ def test_anchor_lookup():
 def test_failing_case_is_reported_and_others_run(monkeypatch, capsys):
     real = bench.make_problem
 
-    def flaky(case, dtype):
+    def flaky(case, dtype, kv="bf16"):
         if case.h_q == 32:
             raise RuntimeError("boom\nsecond line")
-        return real(case, dtype)
+        return real(case, dtype, kv)
 
     monkeypatch.setattr(bench, "make_problem", flaky)
     report = bench.main(["--cases", "b=1,h_q=32,s_k=64;b=1,h_q=16,s_k=64", "--no-naive",
