@@ -2,12 +2,13 @@
 // handlers.cu: decode XLA's buffers, re-check shapes cheaply (the Python layer validated them at
 // trace time), launch on XLA's stream; no allocation, no host sync, no host reads of device data,
 // so the handler is safe to capture into XLA command buffers (CUDA graphs).
-#include <atomic>
-#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <string_view>
 
+#include "ffi/handler_common.h"
 #include "kernels/decode_fp8.h"
 #include "kernels/mla.h"
 #include "xla/ffi/api/ffi.h"
@@ -16,43 +17,36 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-ffi::Error cuda_error(const char* what, cudaError_t err) {
-  return ffi::Error::Internal(std::string("jax_flashmla: ") + what + ": " +
-                              cudaGetErrorString(err));
-}
+using jfm_ffi::aligned16;
+using jfm_ffi::check_decode_args;
+using jfm_ffi::cuda_error;
+using jfm_ffi::invalid;
 
-ffi::Error invalid(const std::string& msg) {
-  return ffi::Error::InvalidArgument("jax_flashmla: " + msg);
-}
-
-template <typename Buf>
-bool has_dims(const Buf& buf, std::initializer_list<int64_t> dims) {
-  auto d = buf.dimensions();
-  if (d.size() != dims.size()) return false;
-  size_t i = 0;
-  for (int64_t v : dims) {
-    if (d[i++] != v) return false;
-  }
-  return true;
-}
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-
-// cudaFuncSetAttribute once per device; later calls are free and capture-safe.
+// cudaFuncSetAttribute once per device.
 ffi::Error ensure_fp8_prepared() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> done[kMaxDevices];
-  int device = 0;
-  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) {
-    return cuda_error("cudaGetDevice", err);
-  }
-  if (device < 0 || device >= kMaxDevices) return invalid("device ordinal out of range");
-  if (done[device].load(std::memory_order_acquire)) return ffi::Error::Success();
-  if (cudaError_t err = jfm::prepare_decode_fp8(); err != cudaSuccess) {
-    return cuda_error("cudaFuncSetAttribute(decode_fp8)", err);
-  }
-  done[device].store(true, std::memory_order_release);
-  return ffi::Error::Success();
+  static jfm_ffi::PerDeviceFlags done;
+  return jfm_ffi::run_once_per_device(done, "cudaFuncSetAttribute(decode_fp8)",
+                                      [] { return jfm::prepare_decode_fp8(); });
+}
+
+// FP8 back end: the pipelined kernel. JAX_FLASHMLA_FP8_KERNEL=pipelined|staged forces one (read
+// once; a host-side constant, so capture-safe); like JAX_FLASHMLA_DECODE_KERNEL, other values
+// keep the default. The staged kernel stays for comparison.
+jfm::Fp8Variant fp8_variant() {
+  static const int forced = [] {
+    const char* env = std::getenv("JAX_FLASHMLA_FP8_KERNEL");
+    if (!env) return -1;
+    if (std::strcmp(env, "staged") == 0) return (int)jfm::Fp8Variant::kStaged;
+    if (std::strcmp(env, "pipelined") == 0) return (int)jfm::Fp8Variant::kPipelined;
+    return -1;
+  }();
+  if (forced >= 0) return (jfm::Fp8Variant)forced;
+  return jfm::Fp8Variant::kPipelined;
+}
+
+std::string dims_msg(int64_t token_bytes) {
+  return "expected q head dim 576, k_cache rows of " + std::to_string(token_bytes) +
+         " bytes, head_dim_v 512 and page size 64";
 }
 
 ffi::Error DecodeFp8Impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
@@ -82,71 +76,25 @@ ffi::Error DecodeFp8Impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   if (q.element_type() != ffi::DataType::BF16 || out->element_type() != ffi::DataType::BF16) {
     return invalid("q and out must be bfloat16 with an FP8 KV cache");
   }
-  auto qd = q.dimensions();
-  auto kd = k_cache.dimensions();
-  if (qd.size() != 4 || kd.size() != 4) return invalid("q and k_cache must be rank 4");
-  const int64_t b = qd[0], s_q = qd[1], h_q = qd[2];
-  const int64_t num_blocks = kd[0], h_kv = kd[2];
-  if (qd[3] != jfm::kHeadDimQK || kd[3] != token_bytes || kd[1] != jfm::kPageSize ||
-      head_dim_v != jfm::kHeadDimV) {
-    return invalid("expected q head dim 576, k_cache rows of " + std::to_string(token_bytes) +
-                   " bytes, head_dim_v 512 and page size 64");
-  }
-  if (b < 1 || b > jfm::kMaxBatch || s_q < 1 || h_q < 1 || h_kv < 1 || h_q % h_kv ||
-      num_blocks < 1 || num_blocks > INT32_MAX) {
-    return invalid("bad batch / head counts");
-  }
-  auto bt = block_table.dimensions();
-  auto md = tile_md.dimensions();
-  const int64_t q_rows = s_q * h_q / h_kv;
-  if (bt.size() != 2 || bt[0] != b || bt[1] < 1 || !has_dims(seqlens, {b}) || md.size() != 2 ||
-      md[1] != jfm::kMetadataRow || md[0] < 1 || md[0] > 65535 || !has_dims(num_splits, {b + 1})) {
-    return invalid("block_table / cache_seqlens / metadata shapes do not match q");
+  jfm::DecodeFp8Params fp{};
+  jfm::DecodeParams& p = fp.base;
+  if (ffi::Error e = check_decode_args(q, k_cache, block_table, seqlens, tile_md, num_splits, out,
+                                       lse, o_accum, lse_accum, softmax_scale, causal, head_dim_v,
+                                       token_bytes, dims_msg, &p);
+      e.failure()) {
+    return e;
   }
   if (kv_scale.dimensions().size() != 0) return invalid("kv_scale must be a float32 scalar");
-  const int64_t parts = md[0];
-  if (!has_dims(*out, {b, s_q, h_q, jfm::kHeadDimV}) || !has_dims(*lse, {b, h_q, s_q}) ||
-      !has_dims(*o_accum, {b + parts, h_kv, q_rows, jfm::kHeadDimV}) ||
-      !has_dims(*lse_accum, {b + parts, h_kv, q_rows})) {
-    return invalid("output / workspace shapes do not match the inputs");
-  }
-  if (!(softmax_scale > 0.f) || !std::isfinite(softmax_scale)) {
-    return invalid("softmax_scale must be finite and positive");
-  }
   // 16-byte cp.async chunks (pointer values only: no device reads).
   if (!aligned16(q.untyped_data()) || !aligned16(k_cache.untyped_data())) {
     return invalid("q and k_cache must be 16-byte aligned");
   }
   if (ffi::Error e = ensure_fp8_prepared(); e.failure()) return e;
 
-  jfm::DecodeFp8Params fp{};
-  jfm::DecodeParams& p = fp.base;
-  p.q = q.untyped_data();
-  p.k_cache = k_cache.untyped_data();
-  p.block_table = block_table.typed_data();
-  p.seqlens = seqlens.typed_data();
-  p.tile_md = tile_md.typed_data();
-  p.num_splits = num_splits.typed_data();
-  p.out = out->untyped_data();
-  p.lse = lse->typed_data();
-  p.o_accum = o_accum->typed_data();
-  p.lse_accum = lse_accum->typed_data();
-  p.b = (int)b;
-  p.s_q = (int)s_q;
-  p.h_q = (int)h_q;
-  p.h_kv = (int)h_kv;
-  p.ng = (int)(h_q / h_kv);
-  p.q_rows = (int)q_rows;
-  p.num_blocks = (int)num_blocks;
-  p.max_blocks = (int)bt[1];
-  p.num_parts = (int)parts;
-  p.scale_log2 = softmax_scale * 1.44269504088896340736f;
-  p.causal = causal && s_q > 1;
   fp.kv_scale = kv_scale.typed_data();
 
-  if (cudaError_t err = jfm::launch_decode_fp8(fp, lay, stream); err != cudaSuccess) {
-    return cuda_error("decode_fp8 launch", err);
-  }
+  cudaError_t launched = jfm::launch_decode_fp8(fp, lay, fp8_variant(), stream);
+  if (launched != cudaSuccess) return cuda_error("decode_fp8 launch", launched);
   if (cudaError_t err = jfm::launch_combine(p, jfm::ElemType::kBF16, stream); err != cudaSuccess) {
     return cuda_error("combine launch", err);
   }

@@ -35,6 +35,7 @@
 
 #include "kernels/decode_common.cuh"
 #include "kernels/decode_fp8.h"
+#include "kernels/fp8_dequant.cuh"
 #include "kernels/mla.h"
 
 namespace jfm {
@@ -68,6 +69,7 @@ using decode_detail::wgmma_commit;
 using decode_detail::wgmma_fence;
 using decode_detail::wgmma_wait_all;
 using bf16 = __nv_bfloat16;
+using namespace fp8_detail;
 
 constexpr int kNopeDim = kHeadDimV;                       // 512 quantized channels
 constexpr int kColElems = kColBlockBytes / 2;              // one [64 x 64] bf16 column block
@@ -75,7 +77,6 @@ constexpr int kNopeBlocks = kNopeDim / 64;                 // 8
 constexpr int kWsStageRow = kNopeDim + 16;                 // with scale: e4m3 + 4 float32 scales
 constexpr int kWsRopeOffset = kWsStageRow;                 // RoPE bytes within a 656-byte token
 constexpr int kStageBytes = kPageSize * kFp8PerTensorBytes;  // >= kPageSize * kWsStageRow
-constexpr uint32_t kPow2_120x2 = 0x7B807B80u;              // bf16x2 (2^120, 2^120)
 
 static_assert(kWsStageRow % 16 == 0 && kFp8WithScaleBytes % 16 == 0 &&
                   kFp8PerTensorBytes % 16 == 0,
@@ -164,59 +165,12 @@ __device__ __forceinline__ void load_rope(const DecodeParams& p, bf16* rope, int
 // ------------------------------------------------------------------------------------------------
 // Dequantization
 // ------------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-
-// x holds two e4m3 codes in bits 8..15 and 24..31 (the other bits zero). Returns the bf16x2 whose
-// halves are those values times 2^-120: the sign stays the top bit and the 7 exponent+mantissa
-// bits move to bf16 bits 4..10. Exponent field e of e4m3 becomes bf16 exponent field e: normals
-// 2^(e-7)(1+m/8) -> 2^(e-127)(1+m/8), subnormals m 2^-9 -> m 2^-129 (bf16 subnormal), zero -> 0.
-__device__ __forceinline__ uint32_t e4m3x2_scaled_bits(uint32_t x) {
-  return ((x >> 4) & 0x07F007F0u) | (x & 0x80008000u);
-}
-
-// Four e4m3 codes (byte k of w = value k) -> two bf16x2 words (values 0,1 and 2,3), times 2^-120.
-__device__ __forceinline__ void e4m3x4_scaled(uint32_t w, uint32_t& lo, uint32_t& hi) {
-  lo = e4m3x2_scaled_bits(__byte_perm(w, 0u, 0x1404u));  // byte 0 -> bits 8..15, 1 -> 24..31
-  hi = e4m3x2_scaled_bits(__byte_perm(w, 0u, 0x3424u));  // byte 2 -> bits 8..15, 3 -> 24..31
-}
-
-// v = four bf16x2 words of e4m3 values times 2^-120 -> bf16 of (e4m3 value * s).
-__device__ __forceinline__ void apply_scale(uint32_t (&v)[4], float s) {
-  const uint32_t fb = __float_as_uint(s * 0x1p120f);  // exact unless it overflows
-  if ((fb & 0xFFFFu) == 0u && (fb & 0x7F800000u) != 0x7F800000u) {
-    // 2^120 * s is a finite bf16: one rounding (none for a power-of-two s).
-    const uint32_t f2 = (fb >> 16) | (fb & 0xFFFF0000u);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = bf16x2_mul(v[k], f2);
-  } else {
-    // Large or non-bf16 scale (or NaN/inf): exact e4m3 values, scaled in float32, rounded once.
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t e = bf16x2_mul(v[k], kPow2_120x2);
-      const float lo = __uint_as_float(e << 16) * s, hi = __uint_as_float(e & 0xFFFF0000u) * s;
-      __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
-      v[k] = *reinterpret_cast<uint32_t*>(&r);
-    }
-  }
-}
-
 // 8 e4m3 bytes at `src` (8-byte aligned) -> 8 bf16 (one 16-byte chunk) at `dst`.
 template <bool kWithScale>
 __device__ __forceinline__ void dequant_chunk(const uint8_t* src, float s, bf16* dst) {
   const uint2 raw = *reinterpret_cast<const uint2*>(src);
   uint32_t v[4];
-  e4m3x4_scaled(raw.x, v[0], v[1]);
-  e4m3x4_scaled(raw.y, v[2], v[3]);
-  if constexpr (kWithScale) {
-    apply_scale(v, s);
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = bf16x2_mul(v[k], kPow2_120x2);
-  }
+  dequant8<kWithScale>(raw.x, raw.y, s, v);
   *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
 }
 
@@ -448,7 +402,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
-cudaError_t prepare_decode_fp8() {
+cudaError_t prepare_staged_fp8() {
   cudaError_t err = cudaFuncSetAttribute(decode_fp8_kernel<true>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -456,7 +410,7 @@ cudaError_t prepare_decode_fp8() {
                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
 }
 
-cudaError_t launch_decode_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaStream_t stream) {
+cudaError_t launch_staged_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaStream_t stream) {
   const dim3 grid((p.base.q_rows + kBlockM - 1) / kBlockM, p.base.h_kv, p.base.num_parts);
   if (layout == Fp8Layout::kWithScale) {
     decode_fp8_kernel<true><<<grid, kThreads, kSmemBytes, stream>>>(p);
@@ -464,6 +418,17 @@ cudaError_t launch_decode_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaSt
     decode_fp8_kernel<false><<<grid, kThreads, kSmemBytes, stream>>>(p);
   }
   return cudaGetLastError();
+}
+
+cudaError_t prepare_decode_fp8() {
+  if (cudaError_t err = prepare_staged_fp8(); err != cudaSuccess) return err;
+  return prepare_pipelined_fp8();
+}
+
+cudaError_t launch_decode_fp8(const DecodeFp8Params& p, Fp8Layout layout, Fp8Variant v,
+                              cudaStream_t stream) {
+  return v == Fp8Variant::kStaged ? launch_staged_fp8(p, layout, stream)
+                                  : launch_pipelined_fp8(p, layout, stream);
 }
 
 }  // namespace jfm

@@ -26,6 +26,16 @@
 // Out-of-range page ids become out-of-bounds TMA coordinates, which TMA fills with zeros; rows
 // at or past seqlen of a partial last page are zeroed in smem before PV (garbage / NaN must not
 // reach P * V; their logits are masked by selection).
+//
+// FP8 caches (issue 5) run the same consumer code with a third warpgroup, the converter. The MMA
+// warpgroups issue TMA copies of the RAW bytes exactly where they issued tile copies: each
+// 64-token x 128-channel block of e4m3 bytes (8 KB, the size of one bf16 tile) lands in the slot of
+// the second of the two bf16 tiles it becomes; with scale, the bf16 RoPE goes straight to tile 8,
+// per tensor its 4 KB of e4m3 land in tile 8's upper half. The converter waits for each raw block,
+// dequantizes it in place (the read of a row finishes in the warp before the row is overwritten),
+// fences and arrives on the block's "ready" mbarrier, which is what the MMA warpgroups wait on
+// instead of the TMA barrier. Blocks are converted in the order the MMA warpgroups consume them.
+// setmaxnreg gives the MMA warpgroups 232 registers and the converter 40.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -33,6 +43,8 @@
 #include <type_traits>
 
 #include "kernels/decode_common.cuh"
+#include "kernels/decode_fp8.h"
+#include "kernels/fp8_dequant.cuh"
 #include "kernels/mla.h"
 
 namespace jfm {
@@ -47,8 +59,24 @@ constexpr int kBarP0Free = 3;   // WG1 -> WG0: WG1's PV(P0) retired, sp0 may be 
 constexpr int kBarP1Free = 4;   // WG0 -> WG1: WG0's PV(P1) retired, K1 tile 8 may be refilled
 constexpr int kBarWgBase = 5;   // 5 + wg: one warpgroup only (128)
 constexpr int kBarP0Ready = 7;  // WG0 -> WG1: P0 * s1 is in sp0
+constexpr int kBarMma = 8;      // both MMA warpgroups (the converter does not take part)
+constexpr int kBarConvert = 9;  // the converter warpgroup only
 constexpr int kTiles = kHeadDimQK / 64;          // 9 tiles of 64 columns per page
 constexpr uint32_t kTileBytes = kColBlockBytes;  // 8 KB
+
+// What the cache holds. kNative: T (bf16/fp16), one TMA copy per tile. kFp8*: e4m3 pages (see
+// decode_fp8.h), converted to bf16 tiles by the converter warpgroup.
+enum class KvFormat { kNative, kFp8WithScale, kFp8PerTensor };
+template <KvFormat F>
+constexpr bool kIsFp8 = F != KvFormat::kNative;
+template <KvFormat F>
+constexpr int kKernelThreads = kIsFp8<F> ? 3 * kWgThreads : 2 * kWgThreads;
+// Barrier slots per buffer. Native: 0-8 one per tile. FP8: 0-3 raw e4m3 block j (channels
+// 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE, 5-9 the same converted ("ready").
+constexpr int kBarsPerBuf = 10;
+constexpr int kRawRope = 4, kReady = 5;
+constexpr int kFp8BlockBytes = 128;  // e4m3 channels per raw block = one tile's bytes per row
+constexpr int kWsRopeByte = 528;     // with scale: where a token's bf16 RoPE starts
 
 template <typename T>
 struct PipelinedSmem {
@@ -59,7 +87,7 @@ struct PipelinedSmem {
   float scale0[kBlockM];     // s0 of the current pair
   float scale1[kBlockM];     // s1 of the current pair
   float row_sum[2][kBlockM];
-  uint64_t tile_bar[2][kTiles];  // one mbarrier per K tile: its TMA load landed
+  uint64_t tile_bar[2][kBarsPerBuf];  // TMA landed (FP8: also "converted"), see kBarsPerBuf
 };
 constexpr int kPipelinedSmemBytes = (int)sizeof(PipelinedSmem<__nv_bfloat16>) + kSmemAlign;
 static_assert(kPipelinedSmemBytes <= 232448, "exceeds the sm_90 per-block opt-in shared memory");
@@ -72,6 +100,9 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
                :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
@@ -104,24 +135,56 @@ __device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* m
 }
 
 // Everything a warpgroup needs to issue and wait for page tiles.
+template <KvFormat F>
 struct PageLoader {
-  const CUtensorMap* map;
+  const CUtensorMap* map;       // native: tiles; FP8: 128-byte raw blocks (and the ws RoPE)
+  const CUtensorMap* rope_map;  // FP8 per tensor: the 64 raw RoPE bytes of each token
   uint32_t k_base[2];    // smem address of buffer K0 / K1
   uint32_t bar_base[2];  // smem address of tile_bar[0][0] / tile_bar[1][0]
   int kvh;
   uint64_t policy;
   bool skip_waits;  // kTuneNoLoads experiment only
 
-  // Tiles [t0, t1) of cache page `page` into buffer `buf` (called by one thread).
+  __device__ __forceinline__ uint32_t bar(int buf, int slot) const {
+    return bar_base[buf] + 8 * slot;
+  }
+  // Tiles [t0, t1) of cache page `page` into buffer `buf` (called by one thread). FP8: the raw
+  // blocks behind those tiles; ranges are (0, 9), (0, 4), (4, 8) and (8, 9).
   __device__ __forceinline__ void issue(int buf, int page, int t0, int t1) const {
-    for (int t = t0; t < t1; ++t) {
-      const uint32_t bar = bar_base[buf] + 8 * t;
-      mbar_expect_tx(bar, kTileBytes);
-      tma_load_tile(k_base[buf] + t * kTileBytes, map, bar, t * 64, kvh, page, policy);
+    if constexpr (!kIsFp8<F>) {
+      for (int t = t0; t < t1; ++t) {
+        mbar_expect_tx(bar(buf, t), kTileBytes);
+        tma_load_tile(k_base[buf] + t * kTileBytes, map, bar(buf, t), t * 64, kvh, page, policy);
+      }
+    } else {
+      for (int j = t0 / 2; j < min(t1, 8) / 2; ++j) {
+        mbar_expect_tx(bar(buf, j), kTileBytes);
+        tma_load_tile(k_base[buf] + (2 * j + 1) * kTileBytes, map, bar(buf, j),
+                      j * kFp8BlockBytes, kvh, page, policy);
+      }
+      if (t1 == kTiles) {
+        const uint32_t rope = k_base[buf] + 8 * kTileBytes;
+        if constexpr (F == KvFormat::kFp8WithScale) {
+          mbar_expect_tx(bar(buf, kRawRope), kTileBytes);
+          tma_load_tile(rope, map, bar(buf, kRawRope), kWsRopeByte, kvh, page, policy);
+        } else {
+          mbar_expect_tx(bar(buf, kRawRope), kTileBytes / 2);
+          tma_load_tile(rope + kTileBytes / 2, rope_map, bar(buf, kRawRope), kHeadDimV, kvh, page,
+                        policy);
+        }
+      }
     }
   }
+  // Waits until tile t of buffer `buf` holds the page of load parity `parity` (FP8: converted).
   __device__ __forceinline__ void wait(int buf, int t, uint32_t parity) const {
-    if (!skip_waits) mbar_wait(bar_base[buf] + 8 * t, parity);
+    if (skip_waits) return;
+    if constexpr (!kIsFp8<F>) {
+      mbar_wait(bar(buf, t), parity);
+    } else if (t < 8) {
+      mbar_wait(bar(buf, kReady + t / 2), parity);
+    } else {
+      mbar_wait(bar(buf, F == KvFormat::kFp8WithScale ? kRawRope : kReady + kRawRope), parity);
+    }
   }
 };
 
@@ -134,8 +197,8 @@ __device__ __forceinline__ constexpr int tile_order(int i) {
 
 // Issues S = Q K^T over the page in buffer `buf`, each tile's MMAs as soon as its load lands;
 // one commit group, not waited for.
-template <typename T, int kWg>
-__device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const PageLoader& ld,
+template <typename T, int kWg, class Loader>
+__device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const Loader& ld,
                                          int buf, uint32_t parity) {
   float (&sf)[32] = reinterpret_cast<float(&)[32]>(s);
 #pragma unroll
@@ -156,8 +219,8 @@ __device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const Pa
   wgmma_commit();
 }
 
-template <typename T, int kWg>
-__device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq, const PageLoader& ld,
+template <typename T, int kWg, class Loader>
+__device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq, const Loader& ld,
                                              int buf, uint32_t parity) {
   qk_issue<T, kWg>(s, sq, ld, buf, parity);
   wgmma_wait_all();
@@ -219,9 +282,138 @@ __device__ __forceinline__ int valid_rows(int seqlen, int blk) {
   return min(max(seqlen - blk * kPageSize, 0), kPageSize);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
-    pipelined_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kmap) {
+// ---- FP8: the converter warpgroup ---------------------------------------------------------
+
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void sts128(uint32_t addr, const uint32_t (&v)[4]) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+               :: "r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]) : "memory");
+}
+
+// Raw block j (64 tokens x 128 e4m3 channels, TMA 128-byte swizzled, in tile slot 2j + 1 of the
+// page buffer at `buf`) -> bf16 tiles 2j and 2j + 1, each value times s. Thread (row r, half h)
+// converts 32 channels per tile: first raw chunks 2h, 2h + 1 into tile 2j (another slot), then
+// raw chunks 4 + 2h, 4 + 2h + 1 into tile 2j + 1, whose row r covers raw row r: all threads read
+// before any writes (the two halves of a row sit in different warps). A shared-memory phase is 8
+// consecutive rows, so the swizzle spreads its 8 accesses over 8 bank groups.
+template <bool kScaled>
+__device__ __forceinline__ void convert_half(uint32_t raw_row, uint32_t out_row, int c0, int k0,
+                                             float s, int r, bool in_place) {
+  const uint4 a = lds128(raw_row + ((c0 ^ (r & 7)) << 4));
+  const uint4 b = lds128(raw_row + (((c0 + 1) ^ (r & 7)) << 4));
+  if (in_place) bar_sync(kBarConvert, kWgThreads);
+  uint32_t v[4];
+  fp8_detail::dequant8<kScaled>(a.x, a.y, s, v);
+  sts128(out_row + ((k0 ^ (r & 7)) << 4), v);
+  fp8_detail::dequant8<kScaled>(a.z, a.w, s, v);
+  sts128(out_row + (((k0 + 1) ^ (r & 7)) << 4), v);
+  fp8_detail::dequant8<kScaled>(b.x, b.y, s, v);
+  sts128(out_row + (((k0 + 2) ^ (r & 7)) << 4), v);
+  fp8_detail::dequant8<kScaled>(b.z, b.w, s, v);
+  sts128(out_row + (((k0 + 3) ^ (r & 7)) << 4), v);
+}
+
+template <bool kScaled>
+__device__ __forceinline__ void convert_block(uint32_t buf, int j, float s, int r, int h) {
+  const uint32_t raw_row = buf + (2 * j + 1) * kTileBytes + r * 128;
+  convert_half<kScaled>(raw_row, buf + 2 * j * kTileBytes + r * 128, 2 * h, 4 * h, s, r, false);
+  convert_half<kScaled>(raw_row, raw_row, 4 + 2 * h, 4 * h, s, r, true);
+}
+
+// Per tensor: the raw RoPE (64 tokens x 64 e4m3, unswizzled 64-byte rows in the upper half of tile
+// slot 8) -> bf16 tile 8. Rows overlap across warps, so the whole converter reads, then syncs.
+__device__ __forceinline__ void convert_rope(uint32_t buf, int r, int h) {
+  const uint32_t rope = buf + 8 * kTileBytes;
+  const uint32_t raw_row = rope + kTileBytes / 2 + r * 64 + h * 32;
+  const uint4 in0 = lds128(raw_row), in1 = lds128(raw_row + 16);
+  bar_sync(kBarConvert, kWgThreads);
+  const uint32_t out_row = rope + r * 128;
+  const uint4 in[2] = {in0, in1};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    uint32_t v[4];
+    const int c = 4 * h + 2 * i;
+    fp8_detail::dequant8<false>(in[i].x, in[i].y, 1.f, v);
+    sts128(out_row + ((c ^ (r & 7)) << 4), v);
+    fp8_detail::dequant8<false>(in[i].z, in[i].w, 1.f, v);
+    sts128(out_row + (((c + 1) ^ (r & 7)) << 4), v);
+  }
+}
+
+// With scale: the four float32 scales of token r of `page` (zeros for an out-of-range id, whose
+// tiles TMA zero-fills).
+__device__ __forceinline__ float4 load_token_scales(const DecodeParams& p, int page, int r,
+                                                    int kvh) {
+  if (page < 0 || page >= p.num_blocks) return make_float4(0.f, 0.f, 0.f, 0.f);
+  const uint8_t* token = static_cast<const uint8_t*>(p.k_cache) +
+                         (((int64_t)page * kPageSize + r) * p.h_kv + kvh) * kFp8WithScaleBytes;
+  return __ldg(reinterpret_cast<const float4*>(token + kHeadDimV));
+}
+
+__device__ __forceinline__ float pick(const float4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// The converter's loop: the same requests and pages as the MMA warpgroups, each page's raw blocks
+// in the order they are consumed (K0 pages: QK^T of WG0 reads tiles 8, 0-7; K1 pages: WG1 reads
+// 4-7, 0-3, 8).
+template <KvFormat F>
+__device__ __forceinline__ void convert_pages(const DecodeParams& p, const PageLoader<F>& ld,
+                                              const int32_t* md, int begin_req, int end_req,
+                                              int m0, int kvh) {
+  constexpr bool kScaled = F == KvFormat::kFp8WithScale;
+  const int t = threadIdx.x - 2 * kWgThreads, r = t & 63, h = t >> 6;
+  // Loads into each buffer so far (selects, not arrays: a runtime index would go to local memory).
+  uint32_t fills0 = 0, fills1 = 0;
+  for (int req = begin_req; req <= end_req; ++req) {
+    const Piece pc = make_piece(p, md, req, begin_req, end_req, m0, 0, 0);
+    const int32_t* bt = p.block_table + (int64_t)req * p.max_blocks;
+    float4 scales_next = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (kScaled && pc.start < pc.end) scales_next = load_token_scales(p, bt[pc.start], r, kvh);
+#pragma unroll 1
+    for (int b = pc.start; b < pc.end; ++b) {
+      const bool odd = (b - pc.start) & 1;
+      const uint32_t parity = (odd ? fills1 : fills0) & 1;
+      const uint32_t buf = odd ? ld.k_base[1] : ld.k_base[0];
+      const uint32_t bars = odd ? ld.bar_base[1] : ld.bar_base[0];
+      const float4 scales = scales_next;
+      if (kScaled && b + 1 < pc.end) scales_next = load_token_scales(p, bt[b + 1], r, kvh);
+      if (!kScaled && !odd) {
+        mbar_wait(bars + 8 * kRawRope, parity);
+        convert_rope(buf, r, h);
+        fence_proxy_async();
+        mbar_arrive(bars + 8 * (kReady + kRawRope));
+      }
+#pragma unroll 1
+      for (int q = 0; q < 4; ++q) {
+        const int j = odd ? (q + 2) & 3 : q;
+        mbar_wait(bars + 8 * j, parity);
+        convert_block<kScaled>(buf, j, pick(scales, j), r, h);
+        fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
+        mbar_arrive(bars + 8 * (kReady + j));
+      }
+      if (!kScaled && odd) {
+        mbar_wait(bars + 8 * kRawRope, parity);
+        convert_rope(buf, r, h);
+        fence_proxy_async();
+        mbar_arrive(bars + 8 * (kReady + kRawRope));
+      }
+      fills0 += odd ? 0 : 1;
+      fills1 += odd ? 1 : 0;
+    }
+  }
+}
+
+// kv_scale: FP8 per tensor only (device scalar; logits and O are scaled by it, K is not).
+template <typename T, KvFormat F>
+__global__ void __launch_bounds__(kKernelThreads<F>, 1)
+    pipelined_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kmap,
+                     const __grid_constant__ CUtensorMap rope_map, const float* kv_scale) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t misalign = smem_addr(smem_raw) & (kSmemAlign - 1);
   PipelinedSmem<T>& sm =
@@ -241,8 +433,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int r_lo = rg * 16 + lane / 4, r_hi = r_lo + 8;
   const bool quad_leader = lane % 4 == 0;
 
-  PageLoader ld;
+  PageLoader<F> ld;
   ld.map = &kmap;
+  ld.rope_map = &rope_map;
   ld.k_base[0] = smem_addr(sm.k[0]);
   ld.k_base[1] = smem_addr(sm.k[1]);
   ld.bar_base[0] = smem_addr(&sm.tile_bar[0][0]);
@@ -250,12 +443,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   ld.kvh = kvh;
   ld.policy = evict_first_policy();
   ld.skip_waits = false;
-  const bool refills = !(p.tuning & kTuneNoLoads);
+  // The no-loads experiment would starve the FP8 converter: native caches only.
+  const bool refills = kIsFp8<F> || !(p.tuning & kTuneNoLoads);
   if (threadIdx.x == 0) {
-    for (int i = 0; i < 2 * kTiles; ++i) mbar_init(ld.bar_base[0] + 8 * i, 1);
+    for (int i = 0; i < 2 * kBarsPerBuf; ++i) {
+      // FP8 "ready" barriers take one arrival per converter thread; TMA barriers one expect_tx.
+      mbar_init(ld.bar_base[0] + 8 * i, kIsFp8<F> && i % kBarsPerBuf >= kReady ? kWgThreads : 1);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  if constexpr (kIsFp8<F>) {
+    if (wg == 2) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+      convert_pages<F>(p, ld, md, begin_req, end_req, m0, kvh);
+      return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  }
+  // Per tensor, S = kv_scale * (Q . K8) and O = kv_scale * (P . V8).
+  const float out_scale = F == KvFormat::kFp8PerTensor ? *kv_scale : 1.f;
+  const float scale_log2 = p.scale_log2 * out_scale;
 
   // Loads into buffer k completed so far; the page now expected there is load number fills[k],
   // so its tile barriers complete the phase of parity fills[k] & 1.
@@ -280,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_commit();
       cp_async_wait<0>();
       fence_proxy_async();
-      __syncthreads();
+      bar_sync(kBarMma, 2 * kWgThreads);
       if (wg == 0) {
         qk_pipelined<T, 0>(s, sm.q, ld, 0, fills[0] & 1);
       } else if (pc.start + 1 < pc.end) {
@@ -303,12 +511,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (issuer && has2 && refills) ld.issue(0, page2, 8, 9);  // QK^T(b) is done with the RoPE tile
         float mx_lo, mx_hi;
         mask_and_max(s, b, pc, mx_lo, mx_hi);
-        const float new_lo = fmaxf(m_lo, mx_lo * p.scale_log2);
-        const float new_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
+        const float new_lo = fmaxf(m_lo, mx_lo * scale_log2);
+        const float new_hi = fmaxf(m_hi, mx_hi * scale_log2);
         const float s0_lo = fast_exp2(m_lo - new_lo), s0_hi = fast_exp2(m_hi - new_hi);
         if (b > pc.start) bar_sync(kBarP0Free, kThreads);  // WG1 no longer reads sp0
         float sum_lo, sum_hi;
-        exp_keep_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.p0, r_lo, r_hi, sum_lo, sum_hi);
+        exp_keep_and_store<T>(s, scale_log2, new_lo, new_hi, sm.p0, r_lo, r_hi, sum_lo, sum_hi);
         l_lo = l_lo * s0_lo + sum_lo;
         l_hi = l_hi * s0_hi + sum_hi;
         scale_rows(o, s0_lo, s0_hi);
@@ -360,12 +568,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float s0_lo = sm.scale0[r_lo], s0_hi = sm.scale0[r_hi];
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
         if (has1) mask_and_max(s, b + 1, pc, mx_lo, mx_hi);
-        const float new_lo = fmaxf(m0_lo, mx_lo * p.scale_log2);
-        const float new_hi = fmaxf(m0_hi, mx_hi * p.scale_log2);
+        const float new_lo = fmaxf(m0_lo, mx_lo * scale_log2);
+        const float new_hi = fmaxf(m0_hi, mx_hi * scale_log2);
         const float s1_lo = fast_exp2(m0_lo - new_lo), s1_hi = fast_exp2(m0_hi - new_hi);
         float sum_lo = 0.f, sum_hi = 0.f;
         if (has1) {
-          exp_and_store<T>(s, p.scale_log2, new_lo, new_hi, sm.k[1] + kPTileElem, r_lo, r_hi,
+          exp_and_store<T>(s, scale_log2, new_lo, new_hi, sm.k[1] + kPTileElem, r_lo, r_hi,
                            sum_lo, sum_hi);
         }
         if (quad_leader) {
@@ -428,11 +636,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm.row_sum[wg][r_lo] = l_lo;
       sm.row_sum[wg][r_hi] = l_hi;
     }
-    __syncthreads();
+    bar_sync(kBarMma, 2 * kWgThreads);
     const float L_lo = sm.row_sum[0][r_lo] + sm.row_sum[1][r_lo];
     const float L_hi = sm.row_sum[0][r_hi] + sm.row_sum[1][r_hi];
+    if constexpr (F == KvFormat::kFp8PerTensor) scale_rows(o, out_scale, out_scale);
     store_result<T>(p, pc, o, L_lo, L_hi, m_lo, m_hi, req, kvh, m0, r_lo, r_hi, wg, wg == 0);
-    __syncthreads();  // row sums and buffers are reused by the next request
+    bar_sync(kBarMma, 2 * kWgThreads);  // row sums and buffers are reused by the next request
   }
 }
 
@@ -456,48 +665,91 @@ EncodeTiledFn encode_tiled_fn() {
   return fn;
 }
 
+// A 4-D map {row bytes / elements, 64 tokens, h_kv, pages} of the cache with a box of `box_cols`
+// x 64 tokens. Coordinates past any edge (a bad page id) read as zeros.
+CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtensorMapDataType type,
+                          int elem_bytes, int row_elems, int box_cols, CUtensorMapSwizzle swizzle) {
+  EncodeTiledFn encode = encode_tiled_fn();
+  if (!encode) return CUDA_ERROR_NOT_SUPPORTED;
+  const cuuint64_t dims[4] = {(cuuint64_t)row_elems, (cuuint64_t)kPageSize, (cuuint64_t)p.h_kv,
+                              (cuuint64_t)p.num_blocks};
+  const cuuint64_t token_bytes = (cuuint64_t)p.h_kv * row_elems * elem_bytes;
+  const cuuint64_t strides[3] = {token_bytes, (cuuint64_t)row_elems * elem_bytes,
+                                 token_bytes * kPageSize};
+  const cuuint32_t box[4] = {(cuuint32_t)box_cols, (cuuint32_t)kPageSize, 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  return encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
+template <typename T, KvFormat F>
+cudaError_t launch_kernel(const DecodeParams& p, const CUtensorMap& map, const CUtensorMap& rope,
+                          const float* kv_scale, cudaStream_t stream) {
+  const dim3 grid((p.q_rows + kBlockM - 1) / kBlockM, p.h_kv, p.num_parts);
+  pipelined_kernel<T, F><<<grid, kKernelThreads<F>, kPipelinedSmemBytes, stream>>>(p, map, rope,
+                                                                                   kv_scale);
+  return cudaGetLastError();
+}
+
+template <typename T, KvFormat F>
+cudaError_t set_smem(void) {
+  return cudaFuncSetAttribute(pipelined_kernel<T, F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              kPipelinedSmemBytes);
+}
+
 template <typename T>
 cudaError_t launch_pipelined_t(const DecodeParams& p, cudaStream_t stream) {
-  static_assert(kThreads == 2 * kWgThreads, "two warpgroups");
-  EncodeTiledFn encode = encode_tiled_fn();
-  if (!encode) return cudaErrorNotSupported;
-  // The cache as {576 channels, 64 tokens, h_kv heads, pages}; a box is one 64 x 64 tile.
-  // Coordinates past any edge (a bad page id) read as zeros.
-  const cuuint64_t dims[4] = {(cuuint64_t)kHeadDimQK, (cuuint64_t)kPageSize, (cuuint64_t)p.h_kv,
-                              (cuuint64_t)p.num_blocks};
-  const cuuint64_t token_bytes = (cuuint64_t)p.h_kv * kHeadDimQK * sizeof(T);
-  const cuuint64_t strides[3] = {token_bytes, (cuuint64_t)kHeadDimQK * sizeof(T),
-                                 token_bytes * kPageSize};
-  const cuuint32_t box[4] = {64, (cuuint32_t)kPageSize, 1, 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   CUtensorMap map;
-  const CUresult r = encode(
-      &map, std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                                              : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-      4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = encode_cache_map(
+      &map, p,
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                     : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+      sizeof(T), kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (r == CUDA_ERROR_NOT_SUPPORTED) return cudaErrorNotSupported;
   if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
-  const dim3 grid((p.q_rows + kBlockM - 1) / kBlockM, p.h_kv, p.num_parts);
-  pipelined_kernel<T><<<grid, kThreads, kPipelinedSmemBytes, stream>>>(p, map);
-  return cudaGetLastError();
+  return launch_kernel<T, KvFormat::kNative>(p, map, map, nullptr, stream);
 }
 
 }  // namespace
 
 cudaError_t prepare_pipelined(ElemType t) {
-  return t == ElemType::kBF16
-             ? cudaFuncSetAttribute(pipelined_kernel<__nv_bfloat16>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    kPipelinedSmemBytes)
-             : cudaFuncSetAttribute(pipelined_kernel<__half>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    kPipelinedSmemBytes);
+  return t == ElemType::kBF16 ? set_smem<__nv_bfloat16, KvFormat::kNative>()
+                              : set_smem<__half, KvFormat::kNative>();
 }
 
 cudaError_t launch_pipelined(const DecodeParams& p, ElemType t, cudaStream_t stream) {
   return t == ElemType::kBF16 ? launch_pipelined_t<__nv_bfloat16>(p, stream)
                               : launch_pipelined_t<__half>(p, stream);
+}
+
+cudaError_t prepare_pipelined_fp8() {
+  if (cudaError_t err = set_smem<__nv_bfloat16, KvFormat::kFp8WithScale>(); err != cudaSuccess) {
+    return err;
+  }
+  return set_smem<__nv_bfloat16, KvFormat::kFp8PerTensor>();
+}
+
+cudaError_t launch_pipelined_fp8(const DecodeFp8Params& fp, Fp8Layout layout,
+                                 cudaStream_t stream) {
+  // Raw blocks: 128 bytes x 64 tokens, 128-byte swizzled like a bf16 tile (with scale, the bf16
+  // RoPE bytes through the same map land exactly as a bf16 tile). Per tensor the RoPE box is
+  // 64 bytes wide and unswizzled.
+  const bool ws = layout == Fp8Layout::kWithScale;
+  const int row = ws ? kFp8WithScaleBytes : kFp8PerTensorBytes;
+  CUtensorMap map, rope;
+  CUresult r = encode_cache_map(&map, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
+                                kFp8BlockBytes, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (r == CUDA_SUCCESS && !ws) {
+    r = encode_cache_map(&rope, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
+                         kHeadDimQK - kHeadDimV, CU_TENSOR_MAP_SWIZZLE_NONE);
+  }
+  if (r == CUDA_ERROR_NOT_SUPPORTED) return cudaErrorNotSupported;
+  if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  return ws ? launch_kernel<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, map, nullptr,
+                                                                    stream)
+            : launch_kernel<__nv_bfloat16, KvFormat::kFp8PerTensor>(fp.base, map, rope,
+                                                                    fp.kv_scale, stream);
 }
 
 }  // namespace jfm

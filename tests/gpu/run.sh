@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
-#                    [bench-quick] [bench-variants] [bench-mma] [sanitize-fp8] [bench-fp8]
+#                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -63,6 +63,15 @@ if want test; then
   note "gpu tests: rc=$rc $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/pytest_gpu.log" | tail -1)"
 fi
 
+if want test-fp8; then  # only the FP8 KV-cache tests (issue 5), quick to iterate on
+  XLA_FLAGS=--xla_gpu_autotune_level=0 XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+    timeout 300 python3 -m pytest tests/gpu/test_fp8_gpu.py -m gpu -q -x -n 4 --tb=short \
+    -p no:cacheprovider > "$OUT/pytest_fp8.log" 2>&1
+  rc=$?
+  tail -25 "$OUT/pytest_fp8.log"
+  note "fp8 gpu tests: rc=$rc $(grep -E 'passed|failed' "$OUT/pytest_fp8.log" | tail -1)"
+fi
+
 if want sanitize; then
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
     timeout 480 compute-sanitizer --tool memcheck --error-exitcode 3 --kernel-name kns=jfm \
@@ -110,7 +119,7 @@ fi
 
 if want bench-fp8; then  # FP8 KV caches (both layouts) beside bf16 on the same cases
   cases=${BENCH_FP8_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=16384;s_q=1,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=16384"}
-  python3 -m jax_flashmla.bench --kv all --no-naive --cases "$cases" --json "$OUT/bench_fp8.json" \
+  timeout 400 python3 -m jax_flashmla.bench --kv all --no-naive --cases "$cases" --json "$OUT/bench_fp8.json" \
     > "$OUT/bench_fp8.log" 2>&1
   note "bench (fp8): rc=$?"
   tail -24 "$OUT/bench_fp8.log"
