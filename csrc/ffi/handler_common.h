@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <string>
 
@@ -37,6 +38,15 @@ bool has_dims(const Buf& buf, std::initializer_list<int64_t> dims) {
 }
 
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// Experiment switches for the kernels (DecodeParams::tuning), from JAX_FLASHMLA_TUNING; read once.
+inline int tuning_flags() {
+  static const int flags = [] {
+    const char* env = std::getenv("JAX_FLASHMLA_TUNING");
+    return env ? std::atoi(env) : 0;
+  }();
+  return flags;
+}
 
 constexpr int kMaxDevices = 64;
 using PerDeviceFlags = std::atomic<bool>[kMaxDevices];

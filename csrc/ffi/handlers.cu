@@ -45,14 +45,6 @@ jfm::DecodeVariant decode_variant(int64_t q_rows) {
   return jfm::DecodeVariant::kPipelined;
 }
 
-// Kernel experiment switches (bit flags, see decode_pipelined.cu); read once, 0 = defaults.
-int tuning_flags() {
-  static const int flags = [] {
-    const char* env = std::getenv("JAX_FLASHMLA_TUNING");
-    return env ? std::atoi(env) : 0;
-  }();
-  return flags;
-}
 
 ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> seqlens,
                         ffi::ResultBuffer<ffi::S32> tile_md, ffi::ResultBuffer<ffi::S32> num_splits,
@@ -98,7 +90,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
     return e;
   }
   if (ffi::Error e = ensure_decode_prepared(et); e.failure()) return e;
-  p.tuning = tuning_flags();
+  p.tuning = jfm_ffi::tuning_flags();
 
   cudaError_t launched = jfm::launch_decode(p, et, decode_variant(p.q_rows), stream);
   if (launched != cudaSuccess) {

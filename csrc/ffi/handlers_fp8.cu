@@ -92,6 +92,7 @@ ffi::Error DecodeFp8Impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   if (ffi::Error e = ensure_fp8_prepared(); e.failure()) return e;
 
   fp.kv_scale = kv_scale.typed_data();
+  p.tuning = jfm_ffi::tuning_flags();
 
   cudaError_t launched = jfm::launch_decode_fp8(fp, lay, fp8_variant(), stream);
   if (launched != cudaSuccess) return cuda_error("decode_fp8 launch", launched);

@@ -170,7 +170,7 @@ template <bool kWithScale>
 __device__ __forceinline__ void dequant_chunk(const uint8_t* src, float s, bf16* dst) {
   const uint2 raw = *reinterpret_cast<const uint2*>(src);
   uint32_t v[4];
-  dequant8<kWithScale>(raw.x, raw.y, s, v);
+  dequant8<kWithScale>(raw.x, raw.y, scale_factor(s), v);
   *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
 }
 

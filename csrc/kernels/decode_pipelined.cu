@@ -34,7 +34,7 @@
 // per tensor its 4 KB of e4m3 land in tile 8's upper half. The converter waits for each raw block,
 // dequantizes it in place (the read of a row finishes in the warp before the row is overwritten),
 // fences and arrives on the block's "ready" mbarrier, which is what the MMA warpgroups wait on
-// instead of the TMA barrier. Blocks are converted in the order the MMA warpgroups consume them.
+// instead of the TMA barrier. Blocks are converted in the order their raw loads are issued.
 // setmaxnreg gives the MMA warpgroups 232 registers and the converter 40.
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -97,9 +97,13 @@ static_assert(kPipelinedSmemBytes <= 232448, "exceeds the sm_90 per-block opt-in
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
 }
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
-               :: "r"(bar), "r"(bytes) : "memory");
+// The TMA issue helpers are predicated inside the asm rather than branched around: a branch on
+// "the issuing thread" while wgmma accumulators are in flight makes ptxas serialize the wgmmas.
+__device__ __forceinline__ void mbar_expect_tx(bool pred, uint32_t bar, uint32_t bytes) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"
+      "@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n}\n"
+      :: "r"(bar), "r"(bytes), "r"((int)pred) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
@@ -117,6 +121,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // of a request, issue no refills and wait for none (wrong results; times the schedule without
 // load latency, to split compute/sync time from load time).
 constexpr int kTuneNoLoads = 1;
+
 __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
@@ -124,13 +129,15 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
 }
 
 // One 64-token x 64-column tile of a cache page (box of the 4-D map {576, 64, h_kv, pages}).
-__device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* map, uint32_t bar,
-                                              int col, int kvh, int page, uint64_t policy) {
+__device__ __forceinline__ void tma_load_tile(bool pred, uint32_t dst, const CUtensorMap* map,
+                                              uint32_t bar, int col, int kvh, int page,
+                                              uint64_t policy) {
   asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      ".L2::cache_hint [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %8, 0;\n"
+      "@p cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".L2::cache_hint [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n}\n"
       :: "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(0), "r"(kvh),
-         "r"(page), "l"(policy)
+         "r"(page), "l"(policy), "r"((int)pred)
       : "memory");
 }
 
@@ -148,28 +155,28 @@ struct PageLoader {
   __device__ __forceinline__ uint32_t bar(int buf, int slot) const {
     return bar_base[buf] + 8 * slot;
   }
-  // Tiles [t0, t1) of cache page `page` into buffer `buf` (called by one thread). FP8: the raw
-  // blocks behind those tiles; ranges are (0, 9), (0, 4), (4, 8) and (8, 9).
-  __device__ __forceinline__ void issue(int buf, int page, int t0, int t1) const {
+  // Tiles [t0, t1) of cache page `page` into buffer `buf`, issued by the threads with `pred` (one
+  // per warpgroup). FP8: the raw blocks behind those tiles; ranges are (0, 9), (0, 4), (4, 8), (8, 9).
+  __device__ __forceinline__ void issue(bool pred, int buf, int page, int t0, int t1) const {
     if constexpr (!kIsFp8<F>) {
       for (int t = t0; t < t1; ++t) {
-        mbar_expect_tx(bar(buf, t), kTileBytes);
-        tma_load_tile(k_base[buf] + t * kTileBytes, map, bar(buf, t), t * 64, kvh, page, policy);
+        mbar_expect_tx(pred, bar(buf, t), kTileBytes);
+        tma_load_tile(pred, k_base[buf] + t * kTileBytes, map, bar(buf, t), t * 64, kvh, page, policy);
       }
     } else {
       for (int j = t0 / 2; j < min(t1, 8) / 2; ++j) {
-        mbar_expect_tx(bar(buf, j), kTileBytes);
-        tma_load_tile(k_base[buf] + (2 * j + 1) * kTileBytes, map, bar(buf, j),
+        mbar_expect_tx(pred, bar(buf, j), kTileBytes);
+        tma_load_tile(pred, k_base[buf] + (2 * j + 1) * kTileBytes, map, bar(buf, j),
                       j * kFp8BlockBytes, kvh, page, policy);
       }
       if (t1 == kTiles) {
         const uint32_t rope = k_base[buf] + 8 * kTileBytes;
         if constexpr (F == KvFormat::kFp8WithScale) {
-          mbar_expect_tx(bar(buf, kRawRope), kTileBytes);
-          tma_load_tile(rope, map, bar(buf, kRawRope), kWsRopeByte, kvh, page, policy);
+          mbar_expect_tx(pred, bar(buf, kRawRope), kTileBytes);
+          tma_load_tile(pred, rope, map, bar(buf, kRawRope), kWsRopeByte, kvh, page, policy);
         } else {
-          mbar_expect_tx(bar(buf, kRawRope), kTileBytes / 2);
-          tma_load_tile(rope + kTileBytes / 2, rope_map, bar(buf, kRawRope), kHeadDimV, kvh, page,
+          mbar_expect_tx(pred, bar(buf, kRawRope), kTileBytes / 2);
+          tma_load_tile(pred, rope + kTileBytes / 2, rope_map, bar(buf, kRawRope), kHeadDimV, kvh, page,
                         policy);
         }
       }
@@ -303,7 +310,8 @@ __device__ __forceinline__ void sts128(uint32_t addr, const uint32_t (&v)[4]) {
 // consecutive rows, so the swizzle spreads its 8 accesses over 8 bank groups.
 template <bool kScaled>
 __device__ __forceinline__ void convert_half(uint32_t raw_row, uint32_t out_row, int c0, int k0,
-                                             float s, int r, bool in_place) {
+                                             const fp8_detail::ScaleFactor& s, int r,
+                                             bool in_place) {
   const uint4 a = lds128(raw_row + ((c0 ^ (r & 7)) << 4));
   const uint4 b = lds128(raw_row + (((c0 + 1) ^ (r & 7)) << 4));
   if (in_place) bar_sync(kBarConvert, kWgThreads);
@@ -319,7 +327,8 @@ __device__ __forceinline__ void convert_half(uint32_t raw_row, uint32_t out_row,
 }
 
 template <bool kScaled>
-__device__ __forceinline__ void convert_block(uint32_t buf, int j, float s, int r, int h) {
+__device__ __forceinline__ void convert_block(uint32_t buf, int j, const fp8_detail::ScaleFactor& s,
+                                              int r, int h) {
   const uint32_t raw_row = buf + (2 * j + 1) * kTileBytes + r * 128;
   convert_half<kScaled>(raw_row, buf + 2 * j * kTileBytes + r * 128, 2 * h, 4 * h, s, r, false);
   convert_half<kScaled>(raw_row, raw_row, 4 + 2 * h, 4 * h, s, r, true);
@@ -338,73 +347,102 @@ __device__ __forceinline__ void convert_rope(uint32_t buf, int r, int h) {
   for (int i = 0; i < 2; ++i) {
     uint32_t v[4];
     const int c = 4 * h + 2 * i;
-    fp8_detail::dequant8<false>(in[i].x, in[i].y, 1.f, v);
+    fp8_detail::dequant8<false>(in[i].x, in[i].y, {0u, 1.f}, v);
     sts128(out_row + ((c ^ (r & 7)) << 4), v);
-    fp8_detail::dequant8<false>(in[i].z, in[i].w, 1.f, v);
+    fp8_detail::dequant8<false>(in[i].z, in[i].w, {0u, 1.f}, v);
     sts128(out_row + (((c + 1) ^ (r & 7)) << 4), v);
   }
 }
 
-// With scale: the four float32 scales of token r of `page` (zeros for an out-of-range id, whose
-// tiles TMA zero-fills).
-__device__ __forceinline__ float4 load_token_scales(const DecodeParams& p, int page, int r,
-                                                    int kvh) {
-  if (page < 0 || page >= p.num_blocks) return make_float4(0.f, 0.f, 0.f, 0.f);
+// With scale: where the four float32 scales of token r of `page` are (null for an out-of-range
+// id: TMA zero-fills its tiles and its scales count as 0).
+__device__ __forceinline__ const float* scale_row(const DecodeParams& p, int page, int r, int kvh) {
+  if (page < 0 || page >= p.num_blocks) return nullptr;
   const uint8_t* token = static_cast<const uint8_t*>(p.k_cache) +
                          (((int64_t)page * kPageSize + r) * p.h_kv + kvh) * kFp8WithScaleBytes;
-  return __ldg(reinterpret_cast<const float4*>(token + kHeadDimV));
+  return reinterpret_cast<const float*>(token + kHeadDimV);
 }
 
-__device__ __forceinline__ float pick(const float4& v, int j) {
-  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+// Those scales as bf16 factors 2^120 * s, two per word (fp8_detail::scale_factor; 0 where that is
+// not an exact bf16, and block_scale then re-reads the float32). Packed, a pair's scales take 4 of
+// the converter's 40 registers.
+struct PackedScales {
+  uint32_t w[2];
+};
+__device__ __forceinline__ PackedScales load_scales(const DecodeParams& p, int page, int r,
+                                                   int kvh) {
+  const float* row = scale_row(p, page, r, kvh);
+  if (!row) return {{0u, 0u}};
+  const float4 v = __ldg(reinterpret_cast<const float4*>(row));
+  auto f = [](float x) { return fp8_detail::scale_factor(x).f2 & 0xFFFFu; };
+  return {{f(v.x) | (f(v.y) << 16), f(v.z) | (f(v.w) << 16)}};
 }
 
-// The converter's loop: the same requests and pages as the MMA warpgroups, each page's raw blocks
-// in the order they are consumed (K0 pages: QK^T of WG0 reads tiles 8, 0-7; K1 pages: WG1 reads
-// 4-7, 0-3, 8).
+__device__ __forceinline__ fp8_detail::ScaleFactor block_scale(const DecodeParams& p,
+                                                               const PackedScales& ps, int j,
+                                                               int page, int r, int kvh) {
+  const uint32_t half = (ps.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
+  if (half != 0u) return {half | (half << 16), 0.f};
+  const float* row = scale_row(p, page, r, kvh);
+  return {0u, row ? __ldg(row + j) : 0.f};
+}
+
+// The converter's loop: the same requests and pages as the MMA warpgroups, a pair (b in K0,
+// b + 1 in K1) at a time, blocks in the order their raw loads are issued: K0's RoPE (pair start),
+// K0 0-1 (after WG0's PV(P0)), K1 2-3 (after WG1's PV(P1)), K0 2-3 (after WG1's PV(P0)), K1 0-1
+// (after WG0's PV(P1)), K1's RoPE (after both PV(P1)). That is also the order the next QK^Ts need
+// them in (WG0: tiles 8, 0-7 of K0; WG1: 4-7, 0-3, 8 of K1).
 template <KvFormat F>
 __device__ __forceinline__ void convert_pages(const DecodeParams& p, const PageLoader<F>& ld,
                                               const int32_t* md, int begin_req, int end_req,
                                               int m0, int kvh) {
   constexpr bool kScaled = F == KvFormat::kFp8WithScale;
   const int t = threadIdx.x - 2 * kWgThreads, r = t & 63, h = t >> 6;
-  // Loads into each buffer so far (selects, not arrays: a runtime index would go to local memory).
-  uint32_t fills0 = 0, fills1 = 0;
+  uint32_t fills0 = 0, fills1 = 0;  // loads into K0 / K1 so far (their barriers' phase count)
+  auto block = [&](int buf, int j, uint32_t parity, const PackedScales& ps, int page) {
+    mbar_wait(ld.bar(buf, j), parity);
+    const fp8_detail::ScaleFactor sf =
+        kScaled ? block_scale(p, ps, j, page, r, kvh) : fp8_detail::ScaleFactor{0u, 1.f};
+    convert_block<kScaled>(ld.k_base[buf], j, sf, r, h);
+    fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
+    mbar_arrive(ld.bar(buf, kReady + j));
+  };
+  auto rope = [&](int buf, uint32_t parity) {
+    mbar_wait(ld.bar(buf, kRawRope), parity);
+    convert_rope(ld.k_base[buf], r, h);
+    fence_proxy_async();
+    mbar_arrive(ld.bar(buf, kReady + kRawRope));
+  };
   for (int req = begin_req; req <= end_req; ++req) {
     const Piece pc = make_piece(p, md, req, begin_req, end_req, m0, 0, 0);
     const int32_t* bt = p.block_table + (int64_t)req * p.max_blocks;
-    float4 scales_next = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (kScaled && pc.start < pc.end) scales_next = load_token_scales(p, bt[pc.start], r, kvh);
 #pragma unroll 1
-    for (int b = pc.start; b < pc.end; ++b) {
-      const bool odd = (b - pc.start) & 1;
-      const uint32_t parity = (odd ? fills1 : fills0) & 1;
-      const uint32_t buf = odd ? ld.k_base[1] : ld.k_base[0];
-      const uint32_t bars = odd ? ld.bar_base[1] : ld.bar_base[0];
-      const float4 scales = scales_next;
-      if (kScaled && b + 1 < pc.end) scales_next = load_token_scales(p, bt[b + 1], r, kvh);
-      if (!kScaled && !odd) {
-        mbar_wait(bars + 8 * kRawRope, parity);
-        convert_rope(buf, r, h);
-        fence_proxy_async();
-        mbar_arrive(bars + 8 * (kReady + kRawRope));
+    for (int b = pc.start; b < pc.end; b += 2) {
+      const bool has1 = b + 1 < pc.end;
+      const uint32_t par0 = fills0 & 1, par1 = fills1 & 1;
+      // The pair's scales load while the converter waits for K0's first raw block.
+      const int page0 = bt[b], page1 = has1 ? bt[b + 1] : -1;
+      PackedScales s0{{0u, 0u}}, s1 = s0;
+      if (kScaled) {
+        s0 = load_scales(p, page0, r, kvh);
+        if (has1) s1 = load_scales(p, page1, r, kvh);
       }
-#pragma unroll 1
-      for (int q = 0; q < 4; ++q) {
-        const int j = odd ? (q + 2) & 3 : q;
-        mbar_wait(bars + 8 * j, parity);
-        convert_block<kScaled>(buf, j, pick(scales, j), r, h);
-        fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
-        mbar_arrive(bars + 8 * (kReady + j));
+      if (!kScaled) rope(0, par0);
+      block(0, 0, par0, s0, page0);
+      block(0, 1, par0, s0, page0);
+      if (has1) {
+        block(1, 2, par1, s1, page1);
+        block(1, 3, par1, s1, page1);
       }
-      if (!kScaled && odd) {
-        mbar_wait(bars + 8 * kRawRope, parity);
-        convert_rope(buf, r, h);
-        fence_proxy_async();
-        mbar_arrive(bars + 8 * (kReady + kRawRope));
+      block(0, 2, par0, s0, page0);
+      block(0, 3, par0, s0, page0);
+      if (has1) {
+        block(1, 0, par1, s1, page1);
+        block(1, 1, par1, s1, page1);
+        if (!kScaled) rope(1, par1);
       }
-      fills0 += odd ? 0 : 1;
-      fills1 += odd ? 1 : 0;
+      ++fills0;
+      fills1 += has1 ? 1 : 0;
     }
   }
 }
@@ -480,10 +518,8 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
 
     if (pc.start < pc.end) {
       ld.skip_waits = false;
-      if (threadIdx.x == 0) {
-        ld.issue(0, bt[pc.start], 0, kTiles);
-        if (pc.start + 1 < pc.end) ld.issue(1, bt[pc.start + 1], 0, kTiles);
-      }
+      ld.issue(threadIdx.x == 0, 0, bt[pc.start], 0, kTiles);
+      if (pc.start + 1 < pc.end) ld.issue(threadIdx.x == 0, 1, bt[pc.start + 1], 0, kTiles);
       load_q<T>(p, sm.q, req, kvh, m0);
       cp_async_commit();
       cp_async_wait<0>();
@@ -508,7 +544,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
       next_page2 = issuer && b + 4 < pc.end && refills ? bt[b + 4] : 0;
       next_page3 = issuer && b + 5 < pc.end && refills ? bt[b + 5] : 0;
       if (wg == 0) {
-        if (issuer && has2 && refills) ld.issue(0, page2, 8, 9);  // QK^T(b) is done with the RoPE tile
+        if (has2) ld.issue(issuer && refills, 0, page2, 8, 9);  // QK^T(b) is done with the RoPE tile
         float mx_lo, mx_hi;
         mask_and_max(s, b, pc, mx_lo, mx_hi);
         const float new_lo = fmaxf(m_lo, mx_lo * scale_log2);
@@ -532,7 +568,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         pv_issue<T>(o, sm.p0, sm.k[0], 0);  // O_L += P0 V0_L, overlapping WG1's softmax
         pv_wait(o);
         bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's reads of P0 and V0_L retired
-        if (has2 && issuer && refills) ld.issue(0, page2, 0, 4);
+        if (has2) ld.issue(issuer && refills, 0, page2, 0, 4);
         bar_sync(kBarS1, kThreads);
         const float s1_lo = sm.scale1[r_lo], s1_hi = sm.scale1[r_hi];
         m_lo = sm.m[r_lo];
@@ -556,7 +592,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         if (has3) {
           bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's reads of P1 and V1_L retired
           bar_arrive(kBarP1Free, kThreads);
-          if (issuer && refills) ld.issue(1, page3, 0, 4);
+          ld.issue(issuer && refills, 1, page3, 0, 4);
         }
         if (has2) {
           ld.skip_waits = !refills;
@@ -607,18 +643,18 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           fence_regs(reinterpret_cast<float(&)[128]>(o));
           if (has3) {
             bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of V1_R retired
-            if (issuer && refills) ld.issue(1, page3, 4, 8);
+            ld.issue(issuer && refills, 1, page3, 4, 8);
           }
         }
         pv_wait(o);
         if (has2) {
           bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of P0 and V0_R retired
           bar_arrive(kBarP0Free, kThreads);
-          if (issuer && refills) ld.issue(0, page2, 4, 8);
+          ld.issue(issuer && refills, 0, page2, 4, 8);
         }
         if (has3) {
           bar_sync(kBarP1Free, kThreads);        // WG0 no longer reads P1's tile
-          if (issuer && refills) ld.issue(1, page3, 8, 9);
+          ld.issue(issuer && refills, 1, page3, 8, 9);
           ld.skip_waits = !refills;
           qk_pipelined<T, 1>(s, sm.q, ld, 1, par1 ^ 1);
         }
