@@ -3,8 +3,6 @@
 // trace time), launch on XLA's stream; no allocation, no host sync, no host reads of device data,
 // so the handler is safe to capture into XLA command buffers (CUDA graphs).
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <string_view>
 
@@ -27,21 +25,6 @@ ffi::Error ensure_fp8_prepared() {
   static jfm_ffi::PerDeviceFlags done;
   return jfm_ffi::run_once_per_device(done, "cudaFuncSetAttribute(decode_fp8)",
                                       [] { return jfm::prepare_decode_fp8(); });
-}
-
-// FP8 back end: the pipelined kernel. JAX_FLASHMLA_FP8_KERNEL=pipelined|staged forces one (read
-// once; a host-side constant, so capture-safe); like JAX_FLASHMLA_DECODE_KERNEL, other values
-// keep the default. The staged kernel stays for comparison.
-jfm::Fp8Variant fp8_variant() {
-  static const int forced = [] {
-    const char* env = std::getenv("JAX_FLASHMLA_FP8_KERNEL");
-    if (!env) return -1;
-    if (std::strcmp(env, "staged") == 0) return (int)jfm::Fp8Variant::kStaged;
-    if (std::strcmp(env, "pipelined") == 0) return (int)jfm::Fp8Variant::kPipelined;
-    return -1;
-  }();
-  if (forced >= 0) return (jfm::Fp8Variant)forced;
-  return jfm::Fp8Variant::kPipelined;
 }
 
 std::string dims_msg(int64_t token_bytes) {
@@ -94,7 +77,7 @@ ffi::Error DecodeFp8Impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   fp.kv_scale = kv_scale.typed_data();
   p.tuning = jfm_ffi::tuning_flags();
 
-  cudaError_t launched = jfm::launch_decode_fp8(fp, lay, fp8_variant(), stream);
+  cudaError_t launched = jfm::launch_decode_fp8(fp, lay, stream);
   if (launched != cudaSuccess) return cuda_error("decode_fp8 launch", launched);
   if (cudaError_t err = jfm::launch_combine(p, jfm::ElemType::kBF16, stream); err != cudaSuccess) {
     return cuda_error("combine launch", err);

@@ -24,24 +24,15 @@ struct DecodeFp8Params {
   const float* kv_scale;  // kPerTensor: device float32 scalar; kWithScale: unused (may be null)
 };
 
-// FP8 decode back ends:
-//   kPipelined  v4's tile pipeline (decode_pipelined.cu): raw e4m3 tiles arrive by TMA, a third
-//               warpgroup converts them to bf16 in place while the two MMA warpgroups run the seesaw
-//   kStaged     the v2 schedule with cp.async staging and dequantization between pages (decode_fp8.cu)
-enum class Fp8Variant { kPipelined, kStaged };
+// The kernel is v4's tile pipeline (decode_pipelined.cu) with a converter warpgroup: raw e4m3
+// blocks arrive by TMA and are dequantized to bf16 tiles in place while the two MMA warpgroups run
+// the seesaw schedule.
 
 // Opts the FP8 decode kernels into large shared memory on the current device (idempotent).
 cudaError_t prepare_decode_fp8();
 
 // Split-KV decode over an FP8 cache: unsplit requests write out/lse, split pieces write
 // o_accum/lse_accum (merge with launch_combine(p.base, ElemType::kBF16, stream)).
-cudaError_t launch_decode_fp8(const DecodeFp8Params& p, Fp8Layout layout, Fp8Variant v,
-                              cudaStream_t stream);
-
-// The back ends (launch_decode_fp8 dispatches).
-cudaError_t prepare_staged_fp8();
-cudaError_t launch_staged_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaStream_t stream);
-cudaError_t prepare_pipelined_fp8();
-cudaError_t launch_pipelined_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaStream_t stream);
+cudaError_t launch_decode_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaStream_t stream);
 
 }  // namespace jfm

@@ -369,21 +369,23 @@ __device__ __forceinline__ const float* scale_row(const DecodeParams& p, int pag
 struct PackedScales {
   uint32_t w[2];
 };
-__device__ __forceinline__ PackedScales load_scales(const DecodeParams& p, int page, int r,
-                                                   int kvh) {
+__device__ __forceinline__ float4 load_scales(const DecodeParams& p, int page, int r, int kvh) {
   const float* row = scale_row(p, page, r, kvh);
-  if (!row) return {{0u, 0u}};
-  const float4 v = __ldg(reinterpret_cast<const float4*>(row));
+  return row ? __ldg(reinterpret_cast<const float4*>(row)) : make_float4(0.f, 0.f, 0.f, 0.f);
+}
+__device__ __forceinline__ PackedScales pack_scales(const float4& v) {
   auto f = [](float x) { return fp8_detail::scale_factor(x).f2 & 0xFFFFu; };
   return {{f(v.x) | (f(v.y) << 16), f(v.z) | (f(v.w) << 16)}};
 }
 
+// `page` points at the page's block-table entry (read again only on the slow path).
 __device__ __forceinline__ fp8_detail::ScaleFactor block_scale(const DecodeParams& p,
                                                                const PackedScales& ps, int j,
-                                                               int page, int r, int kvh) {
+                                                               const int32_t* page, int r,
+                                                               int kvh) {
   const uint32_t half = (ps.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
   if (half != 0u) return {half | (half << 16), 0.f};
-  const float* row = scale_row(p, page, r, kvh);
+  const float* row = scale_row(p, *page, r, kvh);
   return {0u, row ? __ldg(row + j) : 0.f};
 }
 
@@ -393,25 +395,28 @@ __device__ __forceinline__ fp8_detail::ScaleFactor block_scale(const DecodeParam
 // (after WG0's PV(P1)), K1's RoPE (after both PV(P1)). That is also the order the next QK^Ts need
 // them in (WG0: tiles 8, 0-7 of K0; WG1: 4-7, 0-3, 8 of K1).
 template <KvFormat F>
-__device__ __forceinline__ void convert_pages(const DecodeParams& p, const PageLoader<F>& ld,
-                                              const int32_t* md, int begin_req, int end_req,
-                                              int m0, int kvh) {
+__device__ __forceinline__ void convert_pages(const DecodeParams& p,
+                                              PipelinedSmem<__nv_bfloat16>& sm, const int32_t* md,
+                                              int begin_req, int end_req, int m0, int kvh) {
   constexpr bool kScaled = F == KvFormat::kFp8WithScale;
   const int t = threadIdx.x - 2 * kWgThreads, r = t & 63, h = t >> 6;
   uint32_t fills0 = 0, fills1 = 0;  // loads into K0 / K1 so far (their barriers' phase count)
-  auto block = [&](int buf, int j, uint32_t parity, const PackedScales& ps, int page) {
-    mbar_wait(ld.bar(buf, j), parity);
+  // Addresses from the smem struct at each (constant) buffer index: offsets from one base
+  // register, where a PageLoader would hold four more of the converter's 40.
+  auto bar = [&](int buf, int slot) { return smem_addr(&sm.tile_bar[buf][slot]); };
+  auto block = [&](int buf, int j, uint32_t parity, const PackedScales& ps, const int32_t* page) {
+    mbar_wait(bar(buf, j), parity);
     const fp8_detail::ScaleFactor sf =
         kScaled ? block_scale(p, ps, j, page, r, kvh) : fp8_detail::ScaleFactor{0u, 1.f};
-    convert_block<kScaled>(ld.k_base[buf], j, sf, r, h);
+    convert_block<kScaled>(smem_addr(sm.k[buf]), j, sf, r, h);
     fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
-    mbar_arrive(ld.bar(buf, kReady + j));
+    mbar_arrive(bar(buf, kReady + j));
   };
   auto rope = [&](int buf, uint32_t parity) {
-    mbar_wait(ld.bar(buf, kRawRope), parity);
-    convert_rope(ld.k_base[buf], r, h);
+    mbar_wait(bar(buf, kRawRope), parity);
+    convert_rope(smem_addr(sm.k[buf]), r, h);
     fence_proxy_async();
-    mbar_arrive(ld.bar(buf, kReady + kRawRope));
+    mbar_arrive(bar(buf, kReady + kRawRope));
   };
   for (int req = begin_req; req <= end_req; ++req) {
     const Piece pc = make_piece(p, md, req, begin_req, end_req, m0, 0, 0);
@@ -420,16 +425,21 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p, const PageL
     for (int b = pc.start; b < pc.end; b += 2) {
       const bool has1 = b + 1 < pc.end;
       const uint32_t par0 = fills0 & 1, par1 = fills1 & 1;
-      // The pair's scales load while the converter waits for K0's first raw block.
-      const int page0 = bt[b], page1 = has1 ? bt[b + 1] : -1;
+      const int32_t* page0 = bt + b;
+      const int32_t* page1 = bt + b + 1;  // used only if has1
+      // With scale: page b's scales are needed first; page b + 1's load while K0's first two
+      // blocks convert. (Prefetching a pair ahead spills the converter's 40 registers and measured
+      // no faster, nor did L1 prefetches: the scale loads are not what limits this layout.)
       PackedScales s0{{0u, 0u}}, s1 = s0;
+      float4 in_flight = make_float4(0.f, 0.f, 0.f, 0.f);
       if (kScaled) {
-        s0 = load_scales(p, page0, r, kvh);
-        if (has1) s1 = load_scales(p, page1, r, kvh);
+        s0 = pack_scales(load_scales(p, *page0, r, kvh));
+        in_flight = load_scales(p, has1 ? *page1 : -1, r, kvh);
       }
       if (!kScaled) rope(0, par0);
       block(0, 0, par0, s0, page0);
       block(0, 1, par0, s0, page0);
+      if (kScaled) s1 = pack_scales(in_flight);
       if (has1) {
         block(1, 2, par1, s1, page1);
         block(1, 3, par1, s1, page1);
@@ -494,7 +504,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
   if constexpr (kIsFp8<F>) {
     if (wg == 2) {
       asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-      convert_pages<F>(p, ld, md, begin_req, end_req, m0, kvh);
+      convert_pages<F>(p, sm, md, begin_req, end_req, m0, kvh);
       return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
@@ -759,15 +769,15 @@ cudaError_t launch_pipelined(const DecodeParams& p, ElemType t, cudaStream_t str
                               : launch_pipelined_t<__half>(p, stream);
 }
 
-cudaError_t prepare_pipelined_fp8() {
+cudaError_t prepare_decode_fp8() {
   if (cudaError_t err = set_smem<__nv_bfloat16, KvFormat::kFp8WithScale>(); err != cudaSuccess) {
     return err;
   }
   return set_smem<__nv_bfloat16, KvFormat::kFp8PerTensor>();
 }
 
-cudaError_t launch_pipelined_fp8(const DecodeFp8Params& fp, Fp8Layout layout,
-                                 cudaStream_t stream) {
+cudaError_t launch_decode_fp8(const DecodeFp8Params& fp, Fp8Layout layout,
+                              cudaStream_t stream) {
   // Raw blocks: 128 bytes x 64 tokens, 128-byte swizzled like a bf16 tile (with scale, the bf16
   // RoPE bytes through the same map land exactly as a bf16 tile). Per tensor the RoPE box is
   // 64 bytes wide and unswizzled.

@@ -1,4 +1,4 @@
-// e4m3 -> bf16 dequantization shared by the FP8 decode kernels (decode_fp8.cu, decode_pipelined.cu).
+// e4m3 -> bf16 dequantization for the FP8 KV-cache decode (decode_pipelined.cu's converter).
 //
 // Exact: the e4m3 bits move into a bf16 whose value is the e4m3 value times 2^-120 (zero,
 // subnormals and normals alike), then one bf16 multiply by 2^120 * scale, exact whenever that
