@@ -428,8 +428,8 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
       const int32_t* page0 = bt + b;
       const int32_t* page1 = bt + b + 1;  // used only if has1
       // With scale: page b's scales are needed first; page b + 1's load while K0's first two
-      // blocks convert. (Prefetching a pair ahead spills the converter's 40 registers and measured
-      // no faster, nor did L1 prefetches: the scale loads are not what limits this layout.)
+      // blocks convert. A pair-ahead prefetch would hide both loads but spills the converter's 40
+      // registers (and a spill store waits for its load); docs/perf-notes.md has what was tried.
       PackedScales s0{{0u, 0u}}, s1 = s0;
       float4 in_flight = make_float4(0.f, 0.f, 0.f, 0.f);
       if (kScaled) {
