@@ -68,7 +68,8 @@ ffi::Error DecodeFp8Impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
     return e;
   }
   if (kv_scale.dimensions().size() != 0) return invalid("kv_scale must be a float32 scalar");
-  // 16-byte cp.async chunks (pointer values only: no device reads).
+  // q: 16-byte cp.async chunks; k_cache: the TMA tensor map needs a 16-byte aligned base
+  // (pointer values only: no device reads).
   if (!aligned16(q.untyped_data()) || !aligned16(k_cache.untyped_data())) {
     return invalid("q and k_cache must be 16-byte aligned");
   }

@@ -1,4 +1,5 @@
-// Device code shared by the decode kernel variants (decode.cu, decode_seesaw.cu).
+// Device code shared by the decode kernel variants (decode.cu, decode_seesaw.cu,
+// decode_pipelined.cu).
 #pragma once
 
 #include <cuda_bf16.h>
