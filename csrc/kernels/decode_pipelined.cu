@@ -3,26 +3,28 @@
 // Pages go in pairs (b in buffer K0, b + 1 in K1); WG0 owns QK^T of page b and O's left half,
 // WG1 owns QK^T of page b + 1 and O's right half; they share the running row max through smem,
 // and each warpgroup's softmax overlaps the other's MMAs. Per pair:
-//   WG0: M0 = max(M, rowmax S0); s0 = 2^(M - M0); P0 = 2^(S0 - M0) -> sp0; O_L *= s0   -> S0
-//        O_L += P0 V0_L;  wait S1;  sp0 = P0 * s1 (P0 at WG1's max)                     -> P0Ready
+//   WG0: M0 = max(M, rowmax S0); s0 = 2^(M - M0)                                        -> S0
+//        P0 = 2^(S0 - M0) (registers); O_L *= s0; O_L += P0 V0_L (RS);  wait S1
+//        sp0 = P0 * s1 (P0 at WG1's max)                                                -> P0Ready
 //        O_L *= s1; O_L += P1 V1_L; QK^T(b + 2)
-//   WG1: wait S0; M1 = max(M0, rowmax S1); s1 = 2^(M0 - M1); P1 = 2^(S1 - M1) -> K1 tile 8  -> S1
+//   WG1: wait S0; M1 = max(M0, rowmax S1); s1 = 2^(M0 - M1); P1 = 2^(S1 - M1) -> sp1    -> S1
 //        O_R *= s0 s1; O_R += P1 V1_R; wait P0Ready; O_R += (P0 s1) V0_R; QK^T(b + 3)
-// so after the pair both halves are at scale M1 and each O half was rescaled once per max update.
+// so after the pair both halves are at scale M1 and each O half was rescaled once per max update
+// (FlashMLA's order). WG0 publishes M0 and s0 before computing P0, so WG1's softmax starts at once.
 //
-// Against v3 (decode_seesaw.cu), the pair math is reordered as above (FlashMLA's order: WG1 runs
-// its softmax first and rescales O_R once) and pages arrive differently. v3 refilled a whole 72 KB buffer only after both warpgroups
-// were done with it, so every pair waited for two page loads. Here a page is nine 64 x 64 tiles,
-// each loaded by its own TMA copy that signals its own mbarrier, and each tile is refilled the
-// moment its last reader is done with it:
-//   K0 tile 8 (RoPE of page b)  read only by WG0's QK^T(b)   -> refilled by WG0 at pair start
-//   K0 tiles 0-3 (V_L of b)     WG0's PV(P0)                 -> refilled by WG0 after that PV
-//   K0 tiles 4-7 (V_R of b)     WG1's PV(P0)                 -> refilled by WG1 after that PV
-//   K1 tiles 0-3 (V_L of b + 1) WG0's PV(P1)                 -> refilled by WG0 after that PV
-//   K1 tiles 4-7 (V_R of b + 1) WG1's PV(P1)                 -> refilled by WG1 after that PV
-//   K1 tile 8 (holds P1)        both PV(P1)                   -> refilled by WG1 after both
-// P0 lives in its own tile (sp0), so all of page b + 2 is in flight by the middle of the pair
-// and QK^T(b + 2) (tile order 8, 0-3, 4-7) rarely waits. QK^T consumes tiles as they land.
+// Pages arrive as nine 64 x 64 tiles, each loaded by its own TMA copy that signals its own
+// mbarrier, and each tile is refilled the moment its last reader is done with it (v3,
+// decode_seesaw.cu, refilled a whole 72 KB buffer only after both warpgroups were done with it):
+//   K0 tile 8 (RoPE of page b)  read only by WG0's QK^T(b)     -> refilled by WG0 at pair start
+//   K1 tile 8 (RoPE of b + 1)   read only by WG1's QK^T(b + 1) -> refilled by WG1 at pair start
+//   K0 tiles 0-3 (V_L of b)     WG0's PV(P0)                   -> refilled by WG0 after that PV
+//   K0 tiles 4-7 (V_R of b)     WG1's PV(P0)                   -> refilled by WG1 after that PV
+//   K1 tiles 0-3 (V_L of b + 1) WG0's PV(P1)                   -> refilled by WG0 after that PV
+//   K1 tiles 4-7 (V_R of b + 1) WG1's PV(P1)                   -> refilled by WG1 after that PV
+// P0 has its own tile (sp0); P1 takes Q's RoPE tile, which both warpgroups hold in registers from
+// the start of a request (QK^T's tile 8 is an RS wgmma, as in FlashMLA). QK^T consumes tiles as
+// they land, those refilled first first. (FP8 MMA warpgroups lack the registers: there P1 goes
+// over K1's RoPE tile, refilled after both PVs of P1; see kQRopeInRegs.)
 // Out-of-range page ids become out-of-bounds TMA coordinates, which TMA fills with zeros; rows
 // at or past seqlen of a partial last page are zeroed in smem before PV (garbage / NaN must not
 // reach P * V; their logits are masked by selection).
@@ -41,6 +43,9 @@
 #include <cuda_fp16.h>
 
 #include <type_traits>
+#ifdef JFM_TRACE
+#include <cstdio>
+#endif
 
 #include "kernels/decode_common.cuh"
 #include "kernels/decode_fp8.h"
@@ -71,6 +76,12 @@ template <KvFormat F>
 constexpr bool kIsFp8 = F != KvFormat::kNative;
 template <KvFormat F>
 constexpr int kKernelThreads = kIsFp8<F> ? 3 * kWgThreads : 2 * kWgThreads;
+// Native caches keep Q's RoPE tile in registers (QK^T's tile 8 is an RS wgmma) and put P1 in
+// its shared memory, so K1's RoPE tile is refilled at pair start like K0's. The FP8 MMA
+// warpgroups (232 registers) cannot spare the 16 registers: P1 stays in K1's RoPE tile, which is
+// refilled only after both PVs of P1.
+template <KvFormat F>
+constexpr bool kQRopeInRegs = !kIsFp8<F>;
 // Barrier slots per buffer. Native: 0-8 one per tile. FP8: 0-3 raw e4m3 block j (channels
 // 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE, 5-9 the same converted ("ready").
 constexpr int kBarsPerBuf = 10;
@@ -88,6 +99,9 @@ struct PipelinedSmem {
   float scale1[kBlockM];     // s1 of the current pair
   float row_sum[2][kBlockM];
   uint64_t tile_bar[2][kBarsPerBuf];  // TMA landed (FP8: also "converted"), see kBarsPerBuf
+#ifdef JFM_TRACE
+  uint32_t trace[2 * 7 * 10];  // timeline probe, see trace_stamp
+#endif
 };
 constexpr int kPipelinedSmemBytes = (int)sizeof(PipelinedSmem<__nv_bfloat16>) + kSmemAlign;
 static_assert(kPipelinedSmemBytes <= 232448, "exceeds the sm_90 per-block opt-in shared memory");
@@ -121,6 +135,27 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 // of a request, issue no refills and wait for none (wrong results; times the schedule without
 // load latency, to split compute/sync time from load time).
 constexpr int kTuneNoLoads = 1;
+
+// Timeline probe (build with -DJFM_TRACE, tests/gpu/run.sh trace; never in a shipped build):
+// thread 0 of each MMA warpgroup of CTA (0, 0, 0) stamps the SM clock at fixed points of the
+// first kTracePairs pairs of its first request; the first launch prints them. The stores are predicated in asm, like the TMA
+// issue, so that they add no branch between wgmmas.
+#ifdef JFM_TRACE
+constexpr int kTracePairs = 7, kTraceEvents = 10;
+__device__ int g_trace_printed;
+// Stamps go to shared memory (a global store would hold up the next fence.proxy.async, which
+// waits for this thread's outstanding memory operations).
+__device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, int pair, int ev) {
+  const uint32_t addr = smem_addr(slots + (wg * kTracePairs + (pair < kTracePairs ? pair : 0)) * kTraceEvents + ev);
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .u32 t;\nsetp.ne.b32 p, %1, 0;\nmov.u32 t, %%clock;\n"
+      "@p st.shared.u32 [%0], t;\n}\n"
+      :: "r"(addr), "r"((int)(on && pair < kTracePairs)) : "memory");
+}
+#define JFM_STAMP(ev) trace_stamp(trace_on, sm.trace, wg, trace_pair, ev)
+#else
+#define JFM_STAMP(ev) ((void)0)
+#endif
 
 __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
@@ -195,65 +230,46 @@ struct PageLoader {
   }
 };
 
-// Order in which warpgroup kWg consumes the tiles of its page: first those refilled earliest
-// (WG0: the RoPE tile, refilled at pair start; WG1: tiles 4-7, which it refills itself).
-template <int kWg>
+// Order in which warpgroup kWg consumes the tiles of its page: those refilled earliest first.
+// K0's RoPE tile is refilled at pair start (QK^T(b) is its only reader), and so is K1's when P1
+// does not live there (kRopeFirst); WG0 refills K0's V_L (tiles 0-3) itself, WG1 K1's V_R.
+template <int kWg, bool kRopeFirst>
 __device__ __forceinline__ constexpr int tile_order(int i) {
-  return kWg == 0 ? (i + 8) % kTiles : (i < 4 ? i + 4 : (i < 8 ? i - 4 : 8));
+  if (kWg == 0) return (i + 8) % kTiles;
+  if (kRopeFirst) return i == 0 ? 8 : (i < 5 ? i + 3 : i - 5);
+  return i < 4 ? i + 4 : (i < 8 ? i - 4 : 8);
 }
 
-// Issues S = Q K^T over the page in buffer `buf`, each tile's MMAs as soon as its load lands;
-// one commit group, not waited for.
-template <typename T, int kWg, class Loader>
-__device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const Loader& ld,
-                                         int buf, uint32_t parity) {
-  float (&sf)[32] = reinterpret_cast<float(&)[32]>(s);
-#pragma unroll
-  for (int i = 0; i < 32; ++i) sf[i] = 0.f;
-  const uint32_t q_base = smem_addr(sq), k_base = ld.k_base[buf];
-  fence_regs(sf);
-#pragma unroll
-  for (int i = 0; i < kTiles; ++i) {
-    const int t = tile_order<kWg>(i);
-    ld.wait(buf, t, parity);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t off = t * kColBlockBytes + kk * 32;
-      MmaOp<T>::qk(sf, smem_desc(q_base + off, 16, 1024), smem_desc(k_base + off, 16, 1024), 1);
-    }
-  }
-  wgmma_commit();
-}
-
-template <typename T, int kWg, class Loader>
-__device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq, const Loader& ld,
-                                             int buf, uint32_t parity) {
-  qk_issue<T, kWg>(s, sq, ld, buf, parity);
-  wgmma_wait_all();
-  fence_regs(reinterpret_cast<float(&)[32]>(s));
-}
-
-// Writes P * (scale of its row) (bf16/fp16) into the [64 x 64] tile `sp` and fences it for wgmma.
+// P as wgmma A fragments (wgmma_rs.cuh): pf[kk] covers keys 16kk..16kk+15, i.e. the
+// accumulator columns of n-tiles 2kk and 2kk + 1, each row times its scale.
 template <typename T>
-__device__ __forceinline__ void rescale_and_store(const float (&s)[8][4], float sc_lo, float sc_hi,
-                                                  T* sp, int r_lo, int r_hi) {
+__device__ __forceinline__ void pack_p(const float (&s)[8][4], float sc_lo, float sc_hi,
+                                       uint32_t (&pf)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    pf[kk][0] = MmaOp<T>::pack(s[2 * kk][0] * sc_lo, s[2 * kk][1] * sc_lo);
+    pf[kk][1] = MmaOp<T>::pack(s[2 * kk][2] * sc_hi, s[2 * kk][3] * sc_hi);
+    pf[kk][2] = MmaOp<T>::pack(s[2 * kk + 1][0] * sc_lo, s[2 * kk + 1][1] * sc_lo);
+    pf[kk][3] = MmaOp<T>::pack(s[2 * kk + 1][2] * sc_hi, s[2 * kk + 1][3] * sc_hi);
+  }
+}
+
+// Those fragments as the [64 x 64] SW128 tile `sp` (the other warpgroup's SS operand), fenced
+// for wgmma.
+template <typename T>
+__device__ __forceinline__ void store_p(const uint32_t (&pf)[4][4], T* sp, int r_lo, int r_hi) {
   const int within = 2 * (threadIdx.x % 4);
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    *reinterpret_cast<uint32_t*>(sp + p_offset(r_lo, j) + within) =
-        MmaOp<T>::pack(s[j][0] * sc_lo, s[j][1] * sc_lo);
-    *reinterpret_cast<uint32_t*>(sp + p_offset(r_hi, j) + within) =
-        MmaOp<T>::pack(s[j][2] * sc_hi, s[j][3] * sc_hi);
+    *reinterpret_cast<uint32_t*>(sp + p_offset(r_lo, j) + within) = pf[j / 2][2 * (j & 1)];
+    *reinterpret_cast<uint32_t*>(sp + p_offset(r_hi, j) + within) = pf[j / 2][2 * (j & 1) + 1];
   }
   fence_proxy_async();
 }
 
-// exp_and_store that also keeps P (fp32) in `s`, for WG0's later rescale of P0.
-template <typename T>
-__device__ __forceinline__ void exp_keep_and_store(float (&s)[8][4], float scale_log2, float m_lo,
-                                                   float m_hi, T* sp, int r_lo, int r_hi,
-                                                   float& sum_lo, float& sum_hi) {
+// P = 2^(S * scale - m) in place (fp32); the thread's row sums.
+__device__ __forceinline__ void exp_rows(float (&s)[8][4], float scale_log2, float m_lo,
+                                         float m_hi, float& sum_lo, float& sum_hi) {
   sum_lo = sum_hi = 0.f;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
@@ -264,7 +280,76 @@ __device__ __forceinline__ void exp_keep_and_store(float (&s)[8][4], float scale
     sum_lo += s[j][0] + s[j][1];
     sum_hi += s[j][2] + s[j][3];
   }
-  rescale_and_store<T>(s, 1.f, 1.f, sp, r_lo, r_hi);
+}
+
+// Q's RoPE tile (columns 512..575 = tile 8 of sq) as A fragments: QK^T reads it from registers,
+// which frees its 8 KB of shared memory for P1 (FlashMLA's plan).
+template <typename T>
+__device__ __forceinline__ void load_q_rope(const T* sq, uint32_t (&rq)[4][4], int r_lo, int r_hi) {
+  const int within = 2 * (threadIdx.x % 4);
+  auto word = [&](int r, int chunk) {
+    return *reinterpret_cast<const uint32_t*>(sq + tile_offset(r, 64 + chunk) + within);
+  };
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    rq[kk][0] = word(r_lo, 2 * kk);
+    rq[kk][1] = word(r_hi, 2 * kk);
+    rq[kk][2] = word(r_lo, 2 * kk + 1);
+    rq[kk][3] = word(r_hi, 2 * kk + 1);
+  }
+}
+
+// Issues S = Q K^T over the page in buffer `buf`, each tile's MMAs as soon as its load lands
+// (tile 8 with Q's RoPE from registers); one commit group, not waited for.
+template <typename T, int kWg, bool kRegRope, class Loader>
+__device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const uint32_t (&rq)[4][4],
+                                         const Loader& ld, int buf, uint32_t parity) {
+  float (&sf)[32] = reinterpret_cast<float(&)[32]>(s);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) sf[i] = 0.f;
+  const uint32_t q_base = smem_addr(sq), k_base = ld.k_base[buf];
+  fence_regs(sf);
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+    const int t = tile_order<kWg, kRegRope>(i);
+    ld.wait(buf, t, parity);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t off = t * kColBlockBytes + kk * 32;
+      if (kRegRope && t == kTiles - 1) {
+        MmaOp<T>::qk_rs(sf, rq[kk], smem_desc(k_base + off, 16, 1024));
+      } else {
+        MmaOp<T>::qk(sf, smem_desc(q_base + off, 16, 1024), smem_desc(k_base + off, 16, 1024), 1);
+      }
+    }
+  }
+  wgmma_commit();
+}
+
+template <typename T, int kWg, bool kRegRope, class Loader>
+__device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq,
+                                             const uint32_t (&rq)[4][4], const Loader& ld,
+                                             int buf, uint32_t parity) {
+  qk_issue<T, kWg, kRegRope>(s, sq, rq, ld, buf, parity);
+  wgmma_wait_all();
+  fence_regs(reinterpret_cast<float(&)[32]>(s));
+}
+
+// Issues O_half += P V_half with P from registers (A fragments, see pack_p); not waited. The
+// fragments must stay untouched until the group retires.
+template <typename T>
+__device__ __forceinline__ void pv_issue_rs(float (&o)[32][4], const uint32_t (&pf)[4][4],
+                                            const T* sv, int half) {
+  float (&of)[128] = reinterpret_cast<float(&)[128]>(o);
+  const uint32_t v_base = smem_addr(sv) + half * 4 * kColBlockBytes;
+  fence_regs(of);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kPageSize / 16; ++ks) {
+    MmaOp<T>::pv_rs(of, pf[ks], smem_desc(v_base + ks * 16 * 128, kColBlockBytes, 1024));
+  }
+  wgmma_commit();
 }
 
 template <int N>
@@ -525,6 +610,11 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
     for (int j = 0; j < 32; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m_lo = kMaxInit, m_hi = kMaxInit, l_lo = 0.f, l_hi = 0.f;
     float s[8][4];
+    constexpr bool kRegRope = kQRopeInRegs<F>;
+    uint32_t rq[4][4];  // Q's RoPE tile as A fragments (tile 8 of QK^T), if kRegRope
+    uint32_t pf[4][4];  // WG0's P0 as A fragments (its own PV)
+    // P1: where Q's RoPE tile was (rq holds that), else over K1's RoPE tile.
+    T* const sp1 = kRegRope ? sm.q + kPTileElem : sm.k[1] + kPTileElem;
 
     if (pc.start < pc.end) {
       ld.skip_waits = false;
@@ -535,10 +625,15 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
       cp_async_wait<0>();
       fence_proxy_async();
       bar_sync(kBarMma, 2 * kWgThreads);
+      if constexpr (kRegRope) {
+        // Both warpgroups read Q's RoPE before WG1 writes P1 over it (after S0, which WG0
+        // signals after this).
+        load_q_rope<T>(sm.q, rq, r_lo, r_hi);
+      }
       if (wg == 0) {
-        qk_pipelined<T, 0>(s, sm.q, ld, 0, fills[0] & 1);
+        qk_pipelined<T, 0, kRegRope>(s, sm.q, rq, ld, 0, fills[0] & 1);
       } else if (pc.start + 1 < pc.end) {
-        qk_pipelined<T, 1>(s, sm.q, ld, 1, fills[1] & 1);
+        qk_pipelined<T, 1, kRegRope>(s, sm.q, rq, ld, 1, fills[1] & 1);
       }
     }
 
@@ -548,24 +643,29 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
       const bool has1 = b + 1 < pc.end, has2 = b + 2 < pc.end, has3 = b + 3 < pc.end;
       const uint32_t par0 = fills[0] & 1, par1 = fills[1] & 1;
       ld.skip_waits = !refills && b > pc.start;
+#ifdef JFM_TRACE
+      const bool trace_on = wg_tid == 0 && req == begin_req && mb == 0 && kvh == 0 && part == 0;
+      const int trace_pair = (b - pc.start) / 2;
+#endif
       // Page ids of this pair's refills were fetched during the previous pair (the issuing
-      // thread would otherwise stall on the load right at pair start); fetch the next pair's.
+      // thread would otherwise stall on the load right at pair start). The next pair's are
+      // fetched after the softmax's proxy fence: fence.proxy.async compiles to a
+      // MEMBAR.ALL.CTA, which waits for this thread's outstanding loads.
       const int page2 = next_page2, page3 = next_page3;
-      next_page2 = issuer && b + 4 < pc.end && refills ? bt[b + 4] : 0;
-      next_page3 = issuer && b + 5 < pc.end && refills ? bt[b + 5] : 0;
+      auto fetch_next_pages = [&] {
+        next_page2 = issuer && b + 4 < pc.end && refills ? bt[b + 4] : 0;
+        next_page3 = issuer && b + 5 < pc.end && refills ? bt[b + 5] : 0;
+      };
       if (wg == 0) {
+        JFM_STAMP(0);
         if (has2) ld.issue(issuer && refills, 0, page2, 8, 9);  // QK^T(b) is done with the RoPE tile
         float mx_lo, mx_hi;
         mask_and_max(s, b, pc, mx_lo, mx_hi);
         const float new_lo = fmaxf(m_lo, mx_lo * scale_log2);
         const float new_hi = fmaxf(m_hi, mx_hi * scale_log2);
         const float s0_lo = fast_exp2(m_lo - new_lo), s0_hi = fast_exp2(m_hi - new_hi);
-        if (b > pc.start) bar_sync(kBarP0Free, kThreads);  // WG1 no longer reads sp0
-        float sum_lo, sum_hi;
-        exp_keep_and_store<T>(s, scale_log2, new_lo, new_hi, sm.p0, r_lo, r_hi, sum_lo, sum_hi);
-        l_lo = l_lo * s0_lo + sum_lo;
-        l_hi = l_hi * s0_hi + sum_hi;
-        scale_rows(o, s0_lo, s0_hi);
+        // WG1 needs only M0 and s0: publish them first, so that its softmax starts while this
+        // one computes P0.
         if (quad_leader) {
           sm.m[r_lo] = new_lo;
           sm.m[r_hi] = new_hi;
@@ -573,18 +673,32 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           sm.scale0[r_hi] = s0_hi;
         }
         bar_arrive(kBarS0, kThreads);
+        JFM_STAMP(1);
+        float sum_lo, sum_hi;
+        exp_rows(s, scale_log2, new_lo, new_hi, sum_lo, sum_hi);
+        pack_p<T>(s, 1.f, 1.f, pf);  // P0
+        l_lo = l_lo * s0_lo + sum_lo;
+        l_hi = l_hi * s0_hi + sum_hi;
+        scale_rows(o, s0_lo, s0_hi);
+        JFM_STAMP(2);
         const int valid0 = valid_rows(pc.seqlen, b);
         if (valid0 < kPageSize) zero_rows(sm.k[0], 0, valid0, wg_tid, 0);
-        pv_issue<T>(o, sm.p0, sm.k[0], 0);  // O_L += P0 V0_L, overlapping WG1's softmax
+        pv_issue_rs<T>(o, pf, sm.k[0], 0);  // O_L += P0 V0_L, overlapping WG1's softmax
         pv_wait(o);
-        bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's reads of P0 and V0_L retired
+        JFM_STAMP(3);
+        bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's reads of V0_L retired
         if (has2) ld.issue(issuer && refills, 0, page2, 0, 4);
         bar_sync(kBarS1, kThreads);
+        JFM_STAMP(4);
         const float s1_lo = sm.scale1[r_lo], s1_hi = sm.scale1[r_hi];
         m_lo = sm.m[r_lo];
         m_hi = sm.m[r_hi];
-        // WG1 takes P0 at its own (newer) max: P0 * s1 replaces P0 in sp0.
-        rescale_and_store<T>(s, s1_lo, s1_hi, sm.p0, r_lo, r_hi);
+        // WG1 takes P0 at its own (newer) max: P0 * s1 into sp0, once WG1's PV of the previous
+        // pair's P0 has retired.
+        pack_p<T>(s, s1_lo, s1_hi, pf);
+        if (b > pc.start) bar_sync(kBarP0Free, kThreads);
+        store_p<T>(pf, sm.p0, r_lo, r_hi);
+        fetch_next_pages();
         bar_arrive(kBarP0Ready, kThreads);
         scale_rows(o, s1_lo, s1_hi);
         l_lo *= s1_lo;
@@ -594,10 +708,12 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           ld.wait(1, 1, par1);
           ld.wait(1, 2, par1);
           ld.wait(1, 3, par1);
+          JFM_STAMP(5);
           const int valid1 = valid_rows(pc.seqlen, b + 1);
           if (valid1 < kPageSize) zero_rows(sm.k[1], 0, valid1, wg_tid, 0);
-          pv_issue<T>(o, sm.k[1] + kPTileElem, sm.k[1], 0);  // O_L += P1 V1_L
+          pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
           pv_wait(o);
+          JFM_STAMP(6);
         }
         if (has3) {
           bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's reads of P1 and V1_L retired
@@ -606,10 +722,15 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         }
         if (has2) {
           ld.skip_waits = !refills;
-          qk_pipelined<T, 0>(s, sm.q, ld, 0, par0 ^ 1);
+          JFM_STAMP(7);
+          qk_pipelined<T, 0, kRegRope>(s, sm.q, rq, ld, 0, par0 ^ 1);
+          JFM_STAMP(8);
         }
       } else {
+        JFM_STAMP(0);
+        if (kRegRope && has3) ld.issue(issuer && refills, 1, page3, 8, 9);  // QK^T(b + 1) is done
         bar_sync(kBarS0, kThreads);
+        JFM_STAMP(1);
         const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
         const float s0_lo = sm.scale0[r_lo], s0_hi = sm.scale0[r_hi];
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
@@ -619,9 +740,13 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         const float s1_lo = fast_exp2(m0_lo - new_lo), s1_hi = fast_exp2(m0_hi - new_hi);
         float sum_lo = 0.f, sum_hi = 0.f;
         if (has1) {
-          exp_and_store<T>(s, scale_log2, new_lo, new_hi, sm.k[1] + kPTileElem, r_lo, r_hi,
-                           sum_lo, sum_hi);
+          exp_rows(s, scale_log2, new_lo, new_hi, sum_lo, sum_hi);
+          pack_p<T>(s, 1.f, 1.f, pf);
+          // In Q's RoPE tile, the last P1 may still be read by WG0's PV.
+          if (kRegRope && b > pc.start) bar_sync(kBarP1Free, kThreads);
+          store_p<T>(pf, sp1, r_lo, r_hi);
         }
+        fetch_next_pages();
         if (quad_leader) {
           sm.m[r_lo] = new_lo;
           sm.m[r_hi] = new_hi;
@@ -629,6 +754,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           sm.scale1[r_hi] = s1_hi;
         }
         bar_arrive(kBarS1, kThreads);
+        JFM_STAMP(2);
         // O_R absorbs both max updates of the pair at once; P0 arrives already at scale M1.
         scale_rows(o, s0_lo * s1_lo, s0_hi * s1_hi);
         l_lo = l_lo * (s0_lo * s1_lo) + sum_lo;
@@ -638,7 +764,9 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         if (has1) {
           const int valid1 = valid_rows(pc.seqlen, b + 1);
           if (valid1 < kPageSize) zero_rows(sm.k[1], 4, valid1, wg_tid, 1);
-          pv_issue<T>(o, sm.k[1] + kPTileElem, sm.k[1], 1);  // O_R += P1 V1_R
+          // From sp1, not pf: the registers are not there to keep pf and rq across the PVs.
+          pv_issue<T>(o, sp1, sm.k[1], 1);  // O_R += P1 V1_R
+          JFM_STAMP(8);
         }
         ld.wait(0, 4, par0);  // V0_R landed (WG0's QK^T saw it; wait for visibility here)
         ld.wait(0, 5, par0);
@@ -646,7 +774,9 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         ld.wait(0, 7, par0);
         const int valid0 = valid_rows(pc.seqlen, b);
         if (valid0 < kPageSize) zero_rows(sm.k[0], 4, valid0, wg_tid, 1);
+        JFM_STAMP(3);
         bar_sync(kBarP0Ready, kThreads);
+        JFM_STAMP(4);
         pv_issue<T>(o, sm.p0, sm.k[0], 1);  // O_R += (P0 s1) V0_R
         if (has1) {
           wgmma_wait<1>();  // PV(P1) retired (groups retire in order)
@@ -657,16 +787,21 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           }
         }
         pv_wait(o);
+        JFM_STAMP(5);
         if (has2) {
           bar_sync(kBarWgBase + 1, kWgThreads);  // all of WG1's reads of P0 and V0_R retired
           bar_arrive(kBarP0Free, kThreads);
           ld.issue(issuer && refills, 0, page2, 4, 8);
         }
         if (has3) {
-          bar_sync(kBarP1Free, kThreads);        // WG0 no longer reads P1's tile
-          ld.issue(issuer && refills, 1, page3, 8, 9);
+          if (!kRegRope) {
+            bar_sync(kBarP1Free, kThreads);  // WG0 no longer reads P1 in K1's RoPE tile
+            ld.issue(issuer && refills, 1, page3, 8, 9);
+          }
+          JFM_STAMP(6);
           ld.skip_waits = !refills;
-          qk_pipelined<T, 1>(s, sm.q, ld, 1, par1 ^ 1);
+          qk_pipelined<T, 1, kRegRope>(s, sm.q, rq, ld, 1, par1 ^ 1);
+          JFM_STAMP(7);
         }
       }
       if (refills || b == pc.start) {
@@ -689,6 +824,14 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
     store_result<T>(p, pc, o, L_lo, L_hi, m_lo, m_hi, req, kvh, m0, r_lo, r_hi, wg, wg == 0);
     bar_sync(kBarMma, 2 * kWgThreads);  // row sums and buffers are reused by the next request
   }
+#ifdef JFM_TRACE
+  if (threadIdx.x == 0 && mb == 0 && kvh == 0 && part == 0 && atomicExch(&g_trace_printed, 1) == 0) {
+    for (int w = 0; w < 2; ++w)
+      for (int i = 0; i < kTracePairs; ++i)
+        for (int e = 0; e < kTraceEvents; ++e)
+          printf("JFM_TRACE %d %d %d %u\n", w, i, e, sm.trace[(w * kTracePairs + i) * kTraceEvents + e]);
+  }
+#endif
 }
 
 // cuTensorMapEncodeTiled from the driver the runtime already loaded (no -lcuda at link time).
