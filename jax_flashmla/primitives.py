@@ -24,6 +24,29 @@ from .scheduler import METADATA_ROW, schedule_jax
 
 _NOT_MAPPED = None  # batching rules mark an unmapped operand/result with None
 
+
+def _whole(x):
+    """``x`` replicated if it is sharded over Explicit mesh axes, else ``x`` unchanged.
+
+    Neither primitive has a partitioning rule: the schedule needs every request, and a decode
+    split over devices is what :mod:`jax_flashmla.sharding` does with ``shard_map``. Under Auto
+    axes XLA gathers such operands by itself; under Explicit axes JAX leaves it to the op, and the
+    CPU lowering would otherwise mix sharded and replicated arrays.
+    """
+    try:
+        sharding = jax.typeof(x).sharding
+    except (AttributeError, TypeError):
+        return x
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or mesh is None:
+        return x
+    axis_type = dict(zip(mesh.axis_names, mesh.axis_types))
+    names = [n for entry in spec if entry is not None
+             for n in (entry if isinstance(entry, tuple) else (entry,))]
+    if not any(axis_type.get(n) == jax.sharding.AxisType.Explicit for n in names):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
 # ---------------------------------------------------------------------------------------------
 # Metadata
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +91,7 @@ batching.primitive_batchers[metadata_p] = _metadata_batch
 
 
 def bind_metadata(cache_seqlens, num_sm_parts: int):
-    md, ns = metadata_p.bind(cache_seqlens, num_sm_parts=int(num_sm_parts))
+    md, ns = metadata_p.bind(_whole(cache_seqlens), num_sm_parts=int(num_sm_parts))
     return md, ns
 
 
@@ -231,6 +254,10 @@ def bind_decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, *, 
                 causal, head_dim_v, layout="dense", kv_scale=None):
     params = dict(softmax_scale=np.float32(softmax_scale), causal=bool(causal),
                   head_dim_v=int(head_dim_v))
+    q, k_cache, block_table, cache_seqlens, tile_md, num_splits = map(
+        _whole, (q, k_cache, block_table, cache_seqlens, tile_md, num_splits))
+    if kv_scale is not None:
+        kv_scale = _whole(kv_scale)
     if layout == "dense":
         return decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, **params)
     extra = (kv_scale,) if layout == "fp8_per_tensor" else ()

@@ -99,6 +99,16 @@ def main():
                                      softmax_scale=SCALE))
     bare_args = (args_a[0], args_a[1], put_a(bt_global, P("data")), args_a[3])
     res["bare_collectives"] = collectives(bare.lower(*bare_args).compile().as_text())
+    # The bare op (metadata computed inside) on operands sharded over an Explicit mesh axis: the
+    # primitives take them whole, with or without a mesh context.
+    bare_args_x = (args[0], args[1], put(bt_global, P("data")), args[3])
+    out, lse = bare(*bare_args_x)
+    res["bare_explicit_out_diff"] = max_diff(out, ref_out)
+    res["bare_explicit_lse_diff"] = max_diff(lse, ref_lse)
+    with jax.set_mesh(mesh):
+        out, lse = bare(*bare_args_x)
+    res["bare_explicit_ctx_out_diff"] = max_diff(out, ref_out)
+    res["bare_explicit_ctx_lse_diff"] = max_diff(lse, ref_lse)
 
     # -- head parallel ---------------------------------------------------------------------------
     mesh_h = jax.make_mesh((N_SHARDS,), ("model",))

@@ -49,6 +49,14 @@ def test_bare_op_on_sharded_operands_gathers(result):
     assert "all-gather" in result["bare_collectives"]
 
 
+@pytest.mark.parametrize("ctx", ["", "ctx_"])
+def test_bare_op_on_explicit_mesh_operands(result, ctx):
+    """Explicit axes: JAX does not gather for the op; the primitives take their operands whole
+    (with or without a mesh context) and compute the unsharded result exactly."""
+    assert result[f"bare_explicit_{ctx}out_diff"] == 0.0
+    assert result[f"bare_explicit_{ctx}lse_diff"] == 0.0
+
+
 def test_outputs_stay_sharded(result):
     assert result["dp_out_sharding"] == "P('data', None, None, None)"
     assert result["tp_out_sharding"] == "P(None, None, 'model', None)"
