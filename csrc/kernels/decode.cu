@@ -184,19 +184,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 
         // ---- O += P V for dims ch*256.. ---------------------------------------------------
         if constexpr (kWgmma) {
-          float (&of)[128] = reinterpret_cast<float(&)[128]>(o);
-          const uint32_t p_base = smem_addr(sm.p);
-          const uint32_t v_base = smem_addr(sk) + ch * 4 * kColBlockBytes;
-          fence_regs(of);
-          wgmma_fence();
-#pragma unroll
-          for (int ks = 0; ks < kPageSize / 16; ++ks) {
-            MmaOp<T>::pv(of, smem_desc(p_base + ks * 32, 16, 1024),
-                         smem_desc(v_base + ks * 16 * 128, kColBlockBytes, 1024));
-          }
-          wgmma_commit();
-          wgmma_wait_all();
-          fence_regs(of);
+          pv_issue<T>(o, sm.p, sk, ch);
+          pv_wait(o);
         } else {
 #pragma unroll
           for (int ks = 0; ks < kPageSize / 16; ++ks) {

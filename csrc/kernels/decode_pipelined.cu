@@ -217,6 +217,10 @@ struct PageLoader {
       }
     }
   }
+  // Tiles [t0, t1) of buffer `buf`, as wait() below.
+  __device__ __forceinline__ void wait_tiles(int buf, int t0, int t1, uint32_t parity) const {
+    for (int t = t0; t < t1; ++t) wait(buf, t, parity);
+  }
   // Waits until tile t of buffer `buf` holds the page of load parity `parity` (FP8: converted).
   __device__ __forceinline__ void wait(int buf, int t, uint32_t parity) const {
     if (skip_waits) return;
@@ -424,10 +428,9 @@ __device__ __forceinline__ void convert_block(uint32_t buf, int j, const fp8_det
 __device__ __forceinline__ void convert_rope(uint32_t buf, int r, int h) {
   const uint32_t rope = buf + 8 * kTileBytes;
   const uint32_t raw_row = rope + kTileBytes / 2 + r * 64 + h * 32;
-  const uint4 in0 = lds128(raw_row), in1 = lds128(raw_row + 16);
+  const uint4 in[2] = {lds128(raw_row), lds128(raw_row + 16)};
   bar_sync(kBarConvert, kWgThreads);
   const uint32_t out_row = rope + r * 128;
-  const uint4 in[2] = {in0, in1};
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     uint32_t v[4];
@@ -704,10 +707,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         l_lo *= s1_lo;
         l_hi *= s1_hi;
         if (has1) {
-          ld.wait(1, 0, par1);  // V1_L landed (WG1's QK^T saw it; wait for visibility here)
-          ld.wait(1, 1, par1);
-          ld.wait(1, 2, par1);
-          ld.wait(1, 3, par1);
+          ld.wait_tiles(1, 0, 4, par1);  // V1_L landed (WG1's QK^T saw it; made visible here)
           JFM_STAMP(5);
           const int valid1 = valid_rows(pc.seqlen, b + 1);
           if (valid1 < kPageSize) zero_rows(sm.k[1], 0, valid1, wg_tid, 0);
@@ -768,10 +768,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           pv_issue<T>(o, sp1, sm.k[1], 1);  // O_R += P1 V1_R
           JFM_STAMP(8);
         }
-        ld.wait(0, 4, par0);  // V0_R landed (WG0's QK^T saw it; wait for visibility here)
-        ld.wait(0, 5, par0);
-        ld.wait(0, 6, par0);
-        ld.wait(0, 7, par0);
+        ld.wait_tiles(0, 4, 8, par0);  // V0_R landed (WG0's QK^T saw it; made visible here)
         const int valid0 = valid_rows(pc.seqlen, b);
         if (valid0 < kPageSize) zero_rows(sm.k[0], 4, valid0, wg_tid, 1);
         JFM_STAMP(3);
