@@ -46,13 +46,6 @@ template <> struct MmaOp<__nv_bfloat16> {
   static __device__ __forceinline__ void pv(float (&d)[128], uint64_t a, uint64_t b) {
     wgmma_m64n256k16_bf16_tnsp_b(d, a, b, 1);
   }
-  // A from registers (wgmma_rs.cuh).
-  static __device__ __forceinline__ void qk_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
-    wgmma_rs_m64n64k16(d, a, b, __nv_bfloat16{});
-  }
-  static __device__ __forceinline__ void pv_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
-    wgmma_rs_m64n256k16_tnsp_b(d, a, b, __nv_bfloat16{});
-  }
 };
 template <> struct MmaOp<__half> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -75,13 +68,6 @@ template <> struct MmaOp<__half> {
   }
   static __device__ __forceinline__ void pv(float (&d)[128], uint64_t a, uint64_t b) {
     wgmma_m64n256k16_f16_tnsp_b(d, a, b, 1);
-  }
-  // A from registers (wgmma_rs.cuh).
-  static __device__ __forceinline__ void qk_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
-    wgmma_rs_m64n64k16(d, a, b, __half{});
-  }
-  static __device__ __forceinline__ void pv_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
-    wgmma_rs_m64n256k16_tnsp_b(d, a, b, __half{});
   }
 };
 

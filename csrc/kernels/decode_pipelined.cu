@@ -322,7 +322,7 @@ __device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const ui
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t off = t * kColBlockBytes + kk * 32;
       if (kRegRope && t == kTiles - 1) {
-        MmaOp<T>::qk_rs(sf, rq[kk], smem_desc(k_base + off, 16, 1024));
+        wgmma_rs_m64n64k16<T>(sf, rq[kk], smem_desc(k_base + off, 16, 1024));
       } else {
         MmaOp<T>::qk(sf, smem_desc(q_base + off, 16, 1024), smem_desc(k_base + off, 16, 1024), 1);
       }
@@ -351,7 +351,8 @@ __device__ __forceinline__ void pv_issue_rs(float (&o)[32][4], const uint32_t (&
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < kPageSize / 16; ++ks) {
-    MmaOp<T>::pv_rs(of, pf[ks], smem_desc(v_base + ks * 16 * 128, kColBlockBytes, 1024));
+    wgmma_rs_m64n256k16_tnsp_b<T>(of, pf[ks],
+                                  smem_desc(v_base + ks * 16 * 128, kColBlockBytes, 1024));
   }
   wgmma_commit();
 }

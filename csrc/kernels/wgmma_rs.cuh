@@ -9,12 +9,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace jfm {
-
-template <typename T> struct WgmmaType;
-template <> struct WgmmaType<__nv_bfloat16> { static constexpr const char* name = "bf16"; };
-template <> struct WgmmaType<__half> { static constexpr const char* name = "f16"; };
 
 #define JFM_ACC8(d, i)                                                                        \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
@@ -48,21 +45,24 @@ template <> struct WgmmaType<__half> { static constexpr const char* name = "f16"
         JFM_ACC8(d, 120)                                                                         \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 
+// T: __nv_bfloat16 or __half (A's and B's type; the asm string needs it as a literal).
+template <typename T>
 __device__ __forceinline__ void wgmma_rs_m64n64k16(float (&d)[32], const uint32_t (&a)[4],
-                                                   uint64_t desc_b, __nv_bfloat16) {
-  JFM_RS_N64("bf16");
+                                                   uint64_t desc_b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    JFM_RS_N64("bf16");
+  } else {
+    JFM_RS_N64("f16");
+  }
 }
-__device__ __forceinline__ void wgmma_rs_m64n64k16(float (&d)[32], const uint32_t (&a)[4],
-                                                   uint64_t desc_b, __half) {
-  JFM_RS_N64("f16");
-}
+template <typename T>
 __device__ __forceinline__ void wgmma_rs_m64n256k16_tnsp_b(float (&d)[128], const uint32_t (&a)[4],
-                                                           uint64_t desc_b, __nv_bfloat16) {
-  JFM_RS_N256("bf16");
-}
-__device__ __forceinline__ void wgmma_rs_m64n256k16_tnsp_b(float (&d)[128], const uint32_t (&a)[4],
-                                                           uint64_t desc_b, __half) {
-  JFM_RS_N256("f16");
+                                                           uint64_t desc_b) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    JFM_RS_N256("bf16");
+  } else {
+    JFM_RS_N256("f16");
+  }
 }
 
 #undef JFM_RS_N64

@@ -11,25 +11,6 @@
 using namespace jfm;
 using namespace jfm::decode_detail;
 
-__device__ __forceinline__ void pv_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
-#define R8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), \
-              "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-  asm volatile(
-      "{\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"
-      "%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,"
-      "%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,"
-      "%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,"
-      "%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,"
-      "%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, "
-      "{%128,%129,%130,%131}, %132, 1, 1, 1, 1;\n}\n"
-      : R8(0), R8(8), R8(16), R8(24), R8(32), R8(40), R8(48), R8(56), R8(64), R8(72), R8(80),
-        R8(88), R8(96), R8(104), R8(112), R8(120)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-#undef R8
-}
-
 enum Kind { kQkSS = 0, kPvSS = 1, kPvRS = 2 };
 constexpr int kIters = 64;
 
@@ -74,7 +55,9 @@ __global__ void __launch_bounds__(256, 1) rate_kernel(int nwg, unsigned long lon
                                  smem_desc(k + ks * 16 * 128, kColBlockBytes, 1024));
     } else {
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) pv_rs(acc, a, smem_desc(k + ks * 16 * 128, kColBlockBytes, 1024));
+      for (int ks = 0; ks < 4; ++ks)
+        wgmma_rs_m64n256k16_tnsp_b<__nv_bfloat16>(
+            acc, a, smem_desc(k + ks * 16 * 128, kColBlockBytes, 1024));
     }
     wgmma_commit();
     wgmma_wait_all();
