@@ -108,6 +108,11 @@ inline ffi::Error check_decode_args(
   if (!(softmax_scale > 0.f) || !std::isfinite(softmax_scale)) {
     return invalid("softmax_scale must be finite and positive");
   }
+  // q: 16-byte cp.async chunks; k_cache: 16-byte chunks, and the TMA tensor map needs a 16-byte
+  // aligned base (XLA's buffers always are; pointer values only, no device reads).
+  if (!aligned16(q.untyped_data()) || !aligned16(k_cache.untyped_data())) {
+    return invalid("q and k_cache must be 16-byte aligned");
+  }
 
   p->q = q.untyped_data();
   p->k_cache = k_cache.untyped_data();

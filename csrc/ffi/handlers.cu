@@ -14,7 +14,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using jfm_ffi::aligned16;
 using jfm_ffi::check_decode_args;
 using jfm_ffi::cuda_error;
 using jfm_ffi::has_dims;
@@ -82,11 +81,6 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   }
   if (k_cache.element_type() != q.element_type() || out->element_type() != q.element_type()) {
     return invalid("k_cache and out must have q's dtype");
-  }
-  // 16-byte cp.async chunks of q and k_cache, and the TMA tensor map's base (XLA's buffers always
-  // are; pointer values only, no device reads).
-  if (!aligned16(q.untyped_data()) || !aligned16(k_cache.untyped_data())) {
-    return invalid("q and k_cache must be 16-byte aligned");
   }
   jfm::DecodeParams p{};
   if (ffi::Error e = check_decode_args(q, k_cache, block_table, seqlens, tile_md, num_splits, out,

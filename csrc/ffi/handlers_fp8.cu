@@ -15,7 +15,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using jfm_ffi::aligned16;
 using jfm_ffi::check_decode_args;
 using jfm_ffi::cuda_error;
 using jfm_ffi::invalid;
@@ -68,11 +67,6 @@ ffi::Error DecodeFp8Impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
     return e;
   }
   if (kv_scale.dimensions().size() != 0) return invalid("kv_scale must be a float32 scalar");
-  // q: 16-byte cp.async chunks; k_cache: the TMA tensor map needs a 16-byte aligned base
-  // (pointer values only: no device reads).
-  if (!aligned16(q.untyped_data()) || !aligned16(k_cache.untyped_data())) {
-    return invalid("q and k_cache must be 16-byte aligned");
-  }
   if (ffi::Error e = ensure_fp8_prepared(); e.failure()) return e;
 
   fp.kv_scale = kv_scale.typed_data();
