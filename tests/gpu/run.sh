@@ -2,7 +2,7 @@
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
-#                    [ncu] [ncu-source] [trace] [wgmma-rate]
+#                    [ncu] [wgmma-rate] [trace]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -149,7 +149,22 @@ if want ncu; then  # one decode launch of a compute-bound case under Nsight Comp
   grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|Shared|Tensor|Stall|Issued|Eligible|Warp Cycles|L2 Hit|L1/TEX Hit|Registers" "$OUT/ncu.log" | head -60
 fi
 
-if want trace; then  # timeline probe: a -DJFM_TRACE build prints clock64 stamps of CTA (0,0,0)
+if want wgmma-rate; then  # wgmma shapes of the decode kernel in isolation (cycles per instruction)
+  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 -I csrc tests/gpu/wgmma_rate.cu \
+    -o /tmp/wgmma_rate > "$OUT/wgmma_rate.log" 2>&1 && /tmp/wgmma_rate >> "$OUT/wgmma_rate.log" 2>&1
+  note "wgmma-rate: rc=$?"
+  grep WGMMA_RATE "$OUT/wgmma_rate.log" | tee -a "$SUMMARY"
+fi
+
+if want bench-mma; then  # the v1 (mma.sync) kernel on the same grid, for comparison
+  JAX_FLASHMLA_DECODE_KERNEL=mma python3 -m jax_flashmla.bench --no-naive \
+    --json "$OUT/bench_mma.json" > "$OUT/bench_mma.log" 2>&1
+  note "bench (mma.sync kernel): rc=$?"
+  tail -26 "$OUT/bench_mma.log"
+fi
+
+# Last: it reinstalls the package as the trace build, which every later stage would use.
+if want trace; then  # timeline probe: a -DJFM_TRACE build prints SM-clock stamps of CTA (0,0,0)
   t0=$(date +%s)
   CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DJFM_TRACE" python3 -m pip install --no-build-isolation --no-deps \
     --config-settings=build-dir=build/trace -v . > "$OUT/build_trace.log" 2>&1 \
@@ -160,34 +175,6 @@ if want trace; then  # timeline probe: a -DJFM_TRACE build prints clock64 stamps
       | grep JFM_TRACE > "$OUT/trace_${c//[=,]/_}.txt"
     note "trace $c: $(wc -l < "$OUT/trace_${c//[=,]/_}.txt") stamps"
   done
-fi
-
-if want wgmma-rate; then  # wgmma shapes of the decode kernel in isolation (cycles per instruction)
-  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 -I csrc tests/gpu/wgmma_rate.cu \
-    -o /tmp/wgmma_rate > "$OUT/wgmma_rate.log" 2>&1 && /tmp/wgmma_rate >> "$OUT/wgmma_rate.log" 2>&1
-  note "wgmma-rate: rc=$?"
-  grep WGMMA_RATE "$OUT/wgmma_rate.log" | tee -a "$SUMMARY"
-fi
-
-if want ncu-source; then  # per-instruction warp-stall samples of one decode launch (SASS + CUDA lines)
-  case=${NCU_CASE:-"b=128,s_q=2,h_q=128,s_k=4096"}
-  timeout 400 ncu --target-processes all -k regex:${NCU_KERNEL:-pipelined} --launch-skip 2 --launch-count 1 \
-    --section SourceCounters --section WarpStateStats --section SpeedOfLight --section SchedulerStats \
-    -f -o "$OUT/prof" python3 -m jax_flashmla.bench --no-naive --reps 1 --target-ms 1 --cases "$case" \
-    > "$OUT/ncu_source.log" 2>&1
-  note "ncu-source: rc=$?"
-  ncu -i "$OUT/prof.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
-  ncu -i "$OUT/prof.ncu-rep" --page source --csv --print-source cuda,sass > "$OUT/source.csv" 2>&1 \
-    || ncu -i "$OUT/prof.ncu-rep" --page source --csv --print-source sass > "$OUT/source.csv" 2>&1
-  note "source.csv: $(wc -l < "$OUT/source.csv") lines"
-  grep -E "Duration|SM Frequency|Tensor|Issued|Eligible|No Eligible" "$OUT/ncu_details.txt" | head -20
-fi
-
-if want bench-mma; then  # the v1 (mma.sync) kernel on the same grid, for comparison
-  JAX_FLASHMLA_DECODE_KERNEL=mma python3 -m jax_flashmla.bench --no-naive \
-    --json "$OUT/bench_mma.json" > "$OUT/bench_mma.log" 2>&1
-  note "bench (mma.sync kernel): rc=$?"
-  tail -26 "$OUT/bench_mma.log"
 fi
 
 echo "================ summary ================"
