@@ -89,6 +89,9 @@ constexpr int kRawRope = 4, kReady = 5;
 constexpr int kFp8BlockBytes = 128;  // e4m3 channels per raw block = one tile's bytes per row
 constexpr int kWsRopeByte = 528;     // with scale: where a token's bf16 RoPE starts
 
+#ifdef JFM_TRACE
+constexpr int kTracePairs = 7, kTraceEvents = 10;  // timeline probe (see trace_stamp)
+#endif
 template <typename T>
 struct PipelinedSmem {
   T q[kTileElems];
@@ -100,7 +103,7 @@ struct PipelinedSmem {
   float row_sum[2][kBlockM];
   uint64_t tile_bar[2][kBarsPerBuf];  // TMA landed (FP8: also "converted"), see kBarsPerBuf
 #ifdef JFM_TRACE
-  uint32_t trace[2 * 7 * 10];  // timeline probe, see trace_stamp
+  uint32_t trace[2 * kTracePairs * kTraceEvents];  // timeline probe, see trace_stamp
 #endif
 };
 constexpr int kPipelinedSmemBytes = (int)sizeof(PipelinedSmem<__nv_bfloat16>) + kSmemAlign;
@@ -141,12 +144,12 @@ constexpr int kTuneNoLoads = 1;
 // first kTracePairs pairs of its first request; the first launch prints them. The stores are predicated in asm, like the TMA
 // issue, so that they add no branch between wgmmas.
 #ifdef JFM_TRACE
-constexpr int kTracePairs = 7, kTraceEvents = 10;
 __device__ int g_trace_printed;
 // Stamps go to shared memory (a global store would hold up the next fence.proxy.async, which
 // waits for this thread's outstanding memory operations).
 __device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, int pair, int ev) {
-  const uint32_t addr = smem_addr(slots + (wg * kTracePairs + (pair < kTracePairs ? pair : 0)) * kTraceEvents + ev);
+  const int slot = (wg * kTracePairs + (pair < kTracePairs ? pair : 0)) * kTraceEvents + ev;
+  const uint32_t addr = smem_addr(slots + slot);
   asm volatile(
       "{\n.reg .pred p;\n.reg .u32 t;\nsetp.ne.b32 p, %1, 0;\nmov.u32 t, %%clock;\n"
       "@p st.shared.u32 [%0], t;\n}\n"
