@@ -48,6 +48,16 @@ inline int tuning_flags() {
   return flags;
 }
 
+// JAX_FLASHMLA_DECODE_KERNEL (read once; "" if unset): forces a decode back end, for comparisons
+// (docs/perf-notes.md). A host-side constant, so capture-safe.
+inline const std::string& forced_decode_kernel() {
+  static const std::string name = [] {
+    const char* env = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
+    return std::string(env ? env : "");
+  }();
+  return name;
+}
+
 constexpr int kMaxDevices = 64;
 using PerDeviceFlags = std::atomic<bool>[kMaxDevices];
 

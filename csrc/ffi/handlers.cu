@@ -3,7 +3,6 @@
 // reads of device data: host work depends only on shapes and attributes, so the handlers are
 // safe to capture into XLA command buffers (CUDA graphs).
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "ffi/handler_common.h"
@@ -27,22 +26,25 @@ ffi::Error ensure_decode_prepared(jfm::ElemType t) {
                                       [t] { return jfm::prepare_decode(t); });
 }
 
-// Decode back end: the pipelined seesaw kernel (v4) for every shape.
-// JAX_FLASHMLA_DECODE_KERNEL=pipelined|seesaw|wgmma|mma forces one (read once; a host-side
-// constant, so capture-safe). The older back ends stay for comparison (docs/perf-notes.md).
+// Decode back end: the narrow kernel (v5) up to kNarrowMaxRows query rows per KV head, else the
+// pipelined seesaw kernel (v4). JAX_FLASHMLA_DECODE_KERNEL=narrow|pipelined|seesaw|wgmma|mma
+// forces one (narrow only where it applies). The older back ends stay for comparison
+// (docs/perf-notes.md).
 jfm::DecodeVariant decode_variant(int64_t q_rows) {
   static const int forced = [] {
-    const char* env = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
-    if (!env) return -1;
-    if (std::strcmp(env, "mma") == 0) return (int)jfm::DecodeVariant::kMmaSync;
-    if (std::strcmp(env, "seesaw") == 0) return (int)jfm::DecodeVariant::kSeesaw;
-    if (std::strcmp(env, "wgmma") == 0) return (int)jfm::DecodeVariant::kWgmma;
-    if (std::strcmp(env, "pipelined") == 0) return (int)jfm::DecodeVariant::kPipelined;
+    const std::string& env = jfm_ffi::forced_decode_kernel();
+    if (env == "mma") return (int)jfm::DecodeVariant::kMmaSync;
+    if (env == "seesaw") return (int)jfm::DecodeVariant::kSeesaw;
+    if (env == "wgmma") return (int)jfm::DecodeVariant::kWgmma;
+    if (env == "pipelined") return (int)jfm::DecodeVariant::kPipelined;
+    if (env == "narrow") return (int)jfm::DecodeVariant::kNarrow;
     return -1;
   }();
-  if (forced >= 0) return (jfm::DecodeVariant)forced;
-  (void)q_rows;
-  return jfm::DecodeVariant::kPipelined;
+  const bool narrow_fits = q_rows <= jfm::kNarrowMaxRows;
+  if (forced >= 0 && (forced != (int)jfm::DecodeVariant::kNarrow || narrow_fits)) {
+    return (jfm::DecodeVariant)forced;
+  }
+  return narrow_fits ? jfm::DecodeVariant::kNarrow : jfm::DecodeVariant::kPipelined;
 }
 
 

@@ -22,8 +22,16 @@ using jfm_ffi::invalid;
 // cudaFuncSetAttribute once per device.
 ffi::Error ensure_fp8_prepared() {
   static jfm_ffi::PerDeviceFlags done;
-  return jfm_ffi::run_once_per_device(done, "cudaFuncSetAttribute(decode_fp8)",
-                                      [] { return jfm::prepare_decode_fp8(); });
+  return jfm_ffi::run_once_per_device(done, "cudaFuncSetAttribute(decode_fp8)", [] {
+    cudaError_t err = jfm::prepare_decode_fp8();
+    return err != cudaSuccess ? err : jfm::prepare_narrow_fp8();
+  });
+}
+
+// The narrow kernel up to kNarrowMaxRows query rows per KV head unless
+// JAX_FLASHMLA_DECODE_KERNEL=pipelined, else the pipelined kernel with its converter warpgroup.
+bool use_narrow(int q_rows) {
+  return q_rows <= jfm::kNarrowMaxRows && jfm_ffi::forced_decode_kernel() != "pipelined";
 }
 
 std::string dims_msg(int64_t token_bytes) {
@@ -72,7 +80,8 @@ ffi::Error DecodeFp8Impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   fp.kv_scale = kv_scale.typed_data();
   p.tuning = jfm_ffi::tuning_flags();
 
-  cudaError_t launched = jfm::launch_decode_fp8(fp, lay, stream);
+  cudaError_t launched = use_narrow(p.q_rows) ? jfm::launch_narrow_fp8(fp, lay, stream)
+                                              : jfm::launch_decode_fp8(fp, lay, stream);
   if (launched != cudaSuccess) return cuda_error("decode_fp8 launch", launched);
   if (cudaError_t err = jfm::launch_combine(p, jfm::ElemType::kBF16, stream); err != cudaSuccess) {
     return cuda_error("combine launch", err);

@@ -247,6 +247,7 @@ cudaError_t prepare_decode(ElemType t) {
   cudaError_t err =
       t == ElemType::kBF16 ? set_smem_attr<__nv_bfloat16>() : set_smem_attr<__half>();
   if (err == cudaSuccess) err = prepare_seesaw(t);
+  if (err == cudaSuccess) err = prepare_narrow(t);
   return err != cudaSuccess ? err : prepare_pipelined(t);
 }
 
@@ -254,6 +255,7 @@ cudaError_t launch_decode(const DecodeParams& p, ElemType t, DecodeVariant v,
                           cudaStream_t stream) {
   if (v == DecodeVariant::kSeesaw) return launch_seesaw(p, t, stream);
   if (v == DecodeVariant::kPipelined) return launch_pipelined(p, t, stream);
+  if (v == DecodeVariant::kNarrow) return launch_narrow(p, t, stream);
   return t == ElemType::kBF16 ? launch<__nv_bfloat16>(p, v, stream)
                               : launch<__half>(p, v, stream);
 }

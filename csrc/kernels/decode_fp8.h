@@ -35,4 +35,9 @@ cudaError_t prepare_decode_fp8();
 // o_accum/lse_accum (merge with launch_combine(p.base, ElemType::kBF16, stream)).
 cudaError_t launch_decode_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaStream_t stream);
 
+// The same over the narrow kernel (decode_narrow.cu; p.base.q_rows <= kNarrowMaxRows), which
+// dequantizes each thread's MMA fragments on their way from shared memory to registers.
+cudaError_t prepare_narrow_fp8();
+cudaError_t launch_narrow_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaStream_t stream);
+
 }  // namespace jfm

@@ -51,6 +51,7 @@
 #include "kernels/decode_fp8.h"
 #include "kernels/fp8_dequant.cuh"
 #include "kernels/mla.h"
+#include "kernels/tma_pipeline.cuh"
 
 namespace jfm {
 namespace {
@@ -69,9 +70,6 @@ constexpr int kBarConvert = 9;  // the converter warpgroup only
 constexpr int kTiles = kHeadDimQK / 64;          // 9 tiles of 64 columns per page
 constexpr uint32_t kTileBytes = kColBlockBytes;  // 8 KB
 
-// What the cache holds. kNative: T (bf16/fp16), one TMA copy per tile. kFp8*: e4m3 pages (see
-// decode_fp8.h), converted to bf16 tiles by the converter warpgroup.
-enum class KvFormat { kNative, kFp8WithScale, kFp8PerTensor };
 template <KvFormat F>
 constexpr bool kIsFp8 = F != KvFormat::kNative;
 template <KvFormat F>
@@ -109,31 +107,6 @@ struct PipelinedSmem {
 constexpr int kPipelinedSmemBytes = (int)sizeof(PipelinedSmem<__nv_bfloat16>) + kSmemAlign;
 static_assert(kPipelinedSmemBytes <= 232448, "exceeds the sm_90 per-block opt-in shared memory");
 
-// ---- mbarrier / TMA -------------------------------------------------------------------------
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
-}
-// The TMA issue helpers are predicated inside the asm rather than branched around: a branch on
-// "the issuing thread" while wgmma accumulators are in flight makes ptxas serialize the wgmmas.
-__device__ __forceinline__ void mbar_expect_tx(bool pred, uint32_t bar, uint32_t bytes) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"
-      "@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n}\n"
-      :: "r"(bar), "r"(bytes), "r"((int)pred) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  } while (!done);
-}
 // Experiment switch (DecodeParams::tuning, JAX_FLASHMLA_TUNING): 1 = after the first two pages
 // of a request, issue no refills and wait for none (wrong results; times the schedule without
 // load latency, to split compute/sync time from load time).
@@ -159,25 +132,6 @@ __device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, in
 #else
 #define JFM_STAMP(ev) ((void)0)
 #endif
-
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-// One 64-token x 64-column tile of a cache page (box of the 4-D map {576, 64, h_kv, pages}).
-__device__ __forceinline__ void tma_load_tile(bool pred, uint32_t dst, const CUtensorMap* map,
-                                              uint32_t bar, int col, int kvh, int page,
-                                              uint64_t policy) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %8, 0;\n"
-      "@p cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      ".L2::cache_hint [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n}\n"
-      :: "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(0), "r"(kvh),
-         "r"(page), "l"(policy), "r"((int)pred)
-      : "memory");
-}
 
 // Everything a warpgroup needs to issue and wait for page tiles.
 template <KvFormat F>
@@ -383,17 +337,6 @@ __device__ __forceinline__ int valid_rows(int seqlen, int blk) {
 }
 
 // ---- FP8: the converter warpgroup ---------------------------------------------------------
-
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
-  return v;
-}
-__device__ __forceinline__ void sts128(uint32_t addr, const uint32_t (&v)[4]) {
-  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
-               :: "r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]) : "memory");
-}
 
 // Raw block j (64 tokens x 128 e4m3 channels, TMA 128-byte swizzled, in tile slot 2j + 1 of the
 // page buffer at `buf`) -> bf16 tiles 2j and 2j + 1, each value times s. Thread (row r, half h)
@@ -833,44 +776,6 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           printf("JFM_TRACE %d %d %d %u\n", w, i, e, sm.trace[(w * kTracePairs + i) * kTraceEvents + e]);
   }
 #endif
-}
-
-// cuTensorMapEncodeTiled from the driver the runtime already loaded (no -lcuda at link time).
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-EncodeTiledFn encode_tiled_fn() {
-  static EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
-                                         cudaEnableDefault, &status) != cudaSuccess ||
-        status != cudaDriverEntryPointSuccess) {
-      ptr = nullptr;
-    }
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
-
-// A 4-D map {row bytes / elements, 64 tokens, h_kv, pages} of the cache with a box of `box_cols`
-// x 64 tokens. Coordinates past any edge (a bad page id) read as zeros.
-CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtensorMapDataType type,
-                          int elem_bytes, int row_elems, int box_cols, CUtensorMapSwizzle swizzle) {
-  EncodeTiledFn encode = encode_tiled_fn();
-  if (!encode) return CUDA_ERROR_NOT_SUPPORTED;
-  const cuuint64_t dims[4] = {(cuuint64_t)row_elems, (cuuint64_t)kPageSize, (cuuint64_t)p.h_kv,
-                              (cuuint64_t)p.num_blocks};
-  const cuuint64_t token_bytes = (cuuint64_t)p.h_kv * row_elems * elem_bytes;
-  const cuuint64_t strides[3] = {token_bytes, (cuuint64_t)row_elems * elem_bytes,
-                                 token_bytes * kPageSize};
-  const cuuint32_t box[4] = {(cuuint32_t)box_cols, (cuuint32_t)kPageSize, 1, 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  return encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
 template <typename T, KvFormat F>

@@ -19,7 +19,10 @@ enum class ElemType { kBF16, kFP16 };
 // Decode kernel back end: per-warp mma.sync (v1), warpgroup wgmma (v2), wgmma with the two
 // warpgroups alternating pages so softmax overlaps MMAs (v3, "seesaw"), and v3's schedule fed by
 // per-tile TMA loads that refill each tile as soon as it is free (v4, "pipelined").
-enum class DecodeVariant { kMmaSync, kWgmma, kSeesaw, kPipelined };
+// v5 ("narrow", decode_narrow.cu): for at most kNarrowMaxRows query rows per KV head, MMAs with the
+// keys / channels as M and the query rows as N (S^T = K Q^T, O^T = V^T P^T), no padding rows.
+enum class DecodeVariant { kMmaSync, kWgmma, kSeesaw, kPipelined, kNarrow };
+constexpr int kNarrowMaxRows = 32;
 
 // One decode call. All tensors are dense row-major, as XLA hands them over.
 struct DecodeParams {
@@ -49,6 +52,9 @@ cudaError_t prepare_seesaw(ElemType t);
 cudaError_t launch_seesaw(const DecodeParams& p, ElemType t, cudaStream_t stream);
 cudaError_t prepare_pipelined(ElemType t);
 cudaError_t launch_pipelined(const DecodeParams& p, ElemType t, cudaStream_t stream);
+cudaError_t prepare_narrow(ElemType t);
+// q_rows <= kNarrowMaxRows only (else cudaErrorInvalidValue).
+cudaError_t launch_narrow(const DecodeParams& p, ElemType t, cudaStream_t stream);
 
 // Split-KV decode: unsplit requests write out/lse, split pieces write o_accum/lse_accum.
 cudaError_t launch_decode(const DecodeParams& p, ElemType t, DecodeVariant v,

@@ -1,0 +1,687 @@
+// Split-KV MLA decode for few query rows per KV head (q_rows <= 32), sm_90a: the "narrow" kernel.
+//
+// With 16 query rows, v4's 64-row MMA tiles are 3/4 padding, and each page costs as much tensor work
+// as in the compute-bound case: an FP8 cache then cannot run at its bandwidth (perf-notes). Here the
+// MMAs are transposed so that M = 64 covers keys or channels and N = the query rows (16 or 32):
+//   S^T [64 keys x N]   = K [64 x 576] . Q^T    (9 groups of 4 wgmma m64nNk16)
+//   O^T [512 ch. x N]  += V^T [512 x 64] . P^T  (8 M-tiles of 64 channels x 4 k-steps of 16 keys)
+// A (K, V^T) comes from registers: each thread loads its fragments from the page with ld.shared
+// (FP8 bytes are dequantized on the way, so no converted copy of the page is ever stored), and B
+// (Q, P^T) is a K-major 128-byte-swizzled shared-memory operand. The A fragment layout fixes which
+// channels / keys a thread holds; the reduction index of each product may be permuted freely as long
+// as A and B agree, and both permutations are chosen so that every thread loads 16 contiguous bytes
+// per row and a warp's loads spread evenly over the banks:
+//   QK^T: in each 64-channel block, thread (lane % 4 = q) holds channels 16q..16q+15 of its two key
+//         rows; k16 step s takes channels 16q + 4s + {0,1} (k = 2q, 2q+1) and + {2,3} (k = 2q + 8,
+//         2q + 9). Q is stored with the same permutation (load_q_narrow).
+//   PV:   thread (warp w, lane / 4 = g) owns the 16 channels 16(8w + g).. of O^T: M-tile mt row
+//         16w + g (+8) is channel 16(8w + g) + 2mt (+1). In key step ks, k = 2q, 2q+1, 2q+8, 2q+9 are
+//         keys 16ks + q, +4, +8, +12; P^T is stored with that permutation.
+// One warpgroup computes; one producer warp streams whole pages into a ring of stages by TMA (one
+// "full" mbarrier per stage; the consumers arrive on its "empty" mbarrier after their last read).
+// The softmax runs over columns (query rows): maxima go through shared memory once per page, sums
+// only at the end. Out-of-range page ids are out-of-bounds TMA boxes (zeros); keys past the length
+// are masked in S^T and their V is zeroed (bf16/fp16) or scaled by 0 (with scale) before PV.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "kernels/decode_common.cuh"
+#include "kernels/decode_fp8.h"
+#include "kernels/fp8_dequant.cuh"
+#include "kernels/mla.h"
+#include "kernels/tma_pipeline.cuh"
+#include "kernels/wgmma_narrow.cuh"
+
+namespace jfm {
+namespace {
+
+using namespace decode_detail;
+
+constexpr int kConsumerThreads = 128;
+constexpr int kNarrowThreads = kConsumerThreads + 32;  // + the producer warp
+constexpr int kBarConsumers = 1;                      // named barrier of the consumer warpgroup
+constexpr int kBarVote = 2;                           // the consumers' per-page scale vote
+constexpr int kKBlocks = kHeadDimQK / 64;             // 9 blocks of 64 channels
+constexpr int kTileBytes = kColBlockBytes;            // 8 KB: 64 keys x 128 bytes
+
+// Where a page lies in a stage. Native: nine 64 x 64 tiles (128-byte swizzled). FP8: four raw blocks
+// of 64 keys x 128 e4m3 channels (swizzled), then the RoPE (with scale: a bf16 tile; per tensor:
+// 64 x 64 e4m3, unswizzled 64-byte rows), then (with scale) 64 x 16 bytes of float32 scales.
+template <KvFormat F>
+struct Stage;
+template <>
+struct Stage<KvFormat::kNative> {
+  static constexpr int kBytes = kKBlocks * kTileBytes, kCount = 2;
+};
+template <>
+struct Stage<KvFormat::kFp8WithScale> {
+  static constexpr int kRope = 4 * kTileBytes, kScales = 5 * kTileBytes;
+  static constexpr int kBytes = kScales + kPageSize * 16, kCount = 4;
+};
+template <>
+struct Stage<KvFormat::kFp8PerTensor> {
+  static constexpr int kRope = 4 * kTileBytes;
+  static constexpr int kBytes = kRope + kPageSize * 64, kCount = 4;
+};
+
+template <KvFormat F, int N>
+struct NarrowSmem {
+  uint8_t stage[Stage<F>::kCount][Stage<F>::kBytes];  // 1024-byte multiples: every tile aligned
+  uint8_t q[kKBlocks * N * 128];                       // B of QK^T: 9 blocks of N x 64, SW128
+  uint8_t pt[N * 128];                                 // B of PV: P^T, N x 64 keys, SW128
+  float red_max[2][4][N];  // per-warp column maxima, double-buffered across pages
+  float red_sum[4][N];
+  uint64_t full[Stage<F>::kCount];
+  uint64_t empty[Stage<F>::kCount];
+};
+template <KvFormat F, int N>
+constexpr int kNarrowSmemBytes = (int)sizeof(NarrowSmem<F, N>) + kSmemAlign;
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait_n() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+
+__device__ __forceinline__ uint32_t prmt2(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+// Pins A fragments here: the compiler must not move their definitions past wgmma_fence (into the
+// wgmma pipeline, where ptxas would then serialize the wgmmas).
+__device__ __forceinline__ void fence_a(uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+    for (int k = 0; k < 4; ++k) asm volatile("" : "+r"(a[m][k])::"memory");
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+
+// FP8 values on their way to the MMAs. e4m3 codes become bf16 of (value * 2^-120) in 3 integer ops
+// per two values (fp8_dequant.cuh). With scale, one bf16x2 multiply by 2^120 * scale finishes them
+// (exact for power-of-two scales); other scales take a float32 path. The choice is made once per
+// page for the whole warpgroup (bar_and) and picks one of two instantiations of QK^T and PV
+// (a per-word branch gets if-converted: both paths computed). Per tensor there is
+// no multiply at all: Q is stored times 2^60 and P^T times 2^120, and the softmax scale absorbs
+// the remaining 2^-60 of S^T (powers of two: exact).
+constexpr uint32_t kPow2_60x2 = 0x5D805D80u;  // bf16x2 (2^60, 2^60)
+constexpr float kPow2_60 = 0x1p60f, kPow2_120 = 0x1p120f;
+
+// With scale: v (bf16x2 of e4m3 values * 2^-120) times the scales of its low / high value. `fast`:
+// f2 = bf16x2 (2^120 s_lo, 2^120 s_hi), exact; else the float32 path.
+__device__ __forceinline__ uint32_t scale_word(uint32_t v, uint32_t f2, float s_lo, float s_hi,
+                                               bool fast) {
+  if (fast) return fp8_detail::bf16x2_mul(v, f2);
+  const uint32_t e = fp8_detail::bf16x2_mul(v, fp8_detail::kPow2_120x2);
+  __nv_bfloat162 r = __floats2bfloat162_rn(__uint_as_float(e << 16) * s_lo,
+                                           __uint_as_float(e & 0xFFFF0000u) * s_hi);
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+// 2^120 * s as a bf16 (low 16 bits; 0 for s = 0) and whether that is exact.
+struct Factor {
+  uint32_t bits;
+  float s;
+  bool exact;
+};
+__device__ __forceinline__ Factor factor_of(float s) {
+  const uint32_t fb = __float_as_uint(s * kPow2_120);
+  return {fb >> 16, s, (fb & 0xFFFFu) == 0u && (fb & 0x7F800000u) != 0x7F800000u};
+}
+
+// AND of `pred` over the `n` threads of named barrier `id` (a barrier too).
+__device__ __forceinline__ bool bar_and(int id, int n, bool pred) {
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.b32 p, %1, 0;\nbarrier.cta.red.and.pred q, %2, %3, p;\n"
+      "selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r) : "r"((int)pred), "r"(id), "r"(n) : "memory");
+  return r != 0u;
+}
+
+// Column c (0 .. N/4 - 1) of this thread's accumulator columns 8j + 2(lane % 4) + e: c = 2j + e.
+__device__ __forceinline__ int acc_col(int c) { return 8 * (c >> 1) + 2 * (threadIdx.x % 4) + (c & 1); }
+// Accumulator i -> its column slot c and its row half (0: row g, 1: row g + 8).
+__host__ __device__ constexpr int slot_of(int i) { return 2 * (i / 4) + (i & 1); }
+__host__ __device__ constexpr int half_of(int i) { return (i >> 1) & 1; }
+
+// ---- Q ---------------------------------------------------------------------------------------
+
+// Q's N rows of (request, kv head) into the B operand of QK^T with the channel permutation above:
+// logical channel 16s + 8hi + 2qq + e of a block holds physical channel 16qq + 4s + 2hi + e.
+// Rows past q_rows are zeros. Per tensor, Q is stored times 2^60 (see kPow2_60x2).
+template <typename T, KvFormat F, int N>
+__device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint8_t* sq, int req, int kvh,
+                                              int tid) {
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = tid; i < N * kKBlocks * 8; i += kConsumerThreads) {
+    const int n = i / (kKBlocks * 8), blk = (i / 8) % kKBlocks, qq = (i / 2) % 4, u = i % 2;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (n < p.q_rows) {
+      const int tok = n / p.ng, h = kvh * p.ng + n % p.ng;
+      v = *reinterpret_cast<const uint4*>(
+          q + (((int64_t)req * p.s_q + tok) * p.h_q + h) * kHeadDimQK + blk * 64 + 16 * qq + 8 * u);
+    }
+    uint32_t words[4] = {v.x, v.y, v.z, v.w};
+    if constexpr (F == KvFormat::kFp8PerTensor) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) words[j] = fp8_detail::bf16x2_mul(words[j], kPow2_60x2);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // word 4u + j = physical channels 16qq + 2(4u + j): s = 2u + j/2, hi = j % 2.
+      const int l = 2 * (8 * (2 * u + j / 2) + 4 * (j % 2) + qq);  // logical channel in the block
+      *reinterpret_cast<uint32_t*>(sq + blk * N * 128 + n * 128 + (((l >> 3) ^ (n & 7)) << 4) +
+                                   (l & 7) * 2) = words[j];
+    }
+  }
+}
+
+// ---- K rows (A of QK^T) -----------------------------------------------------------------------
+
+// 16 channels of key row r (16q.. of 64-channel block `blk`) as 8 bf16x2 words (word k = channels
+// 2k, 2k + 1 of the 16), dequantized for FP8; `sc`: with scale, the row's four scales.
+template <typename T, KvFormat F, bool kFast>
+__device__ __forceinline__ void load_k_row(uint32_t (&w)[8], uint32_t stage, int blk, int r, int q,
+                                           const Factor (&sc)[4]) {
+  auto native_tile = [&](uint32_t tile) {
+    const uint32_t row = tile + r * 128;
+    const uint4 a = lds128(row + (((2 * q) ^ (r & 7)) << 4));
+    const uint4 b = lds128(row + (((2 * q + 1) ^ (r & 7)) << 4));
+    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+    w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+  };
+  auto fp8_chunk = [&](uint32_t addr) {  // e4m3 * 2^-120
+    const uint4 a = lds128(addr);
+    fp8_detail::e4m3x4_scaled(a.x, w[0], w[1]);
+    fp8_detail::e4m3x4_scaled(a.y, w[2], w[3]);
+    fp8_detail::e4m3x4_scaled(a.z, w[4], w[5]);
+    fp8_detail::e4m3x4_scaled(a.w, w[6], w[7]);
+  };
+  if constexpr (F == KvFormat::kNative) {
+    native_tile(stage + blk * kTileBytes);
+  } else if (blk < 8) {
+    const uint32_t raw = stage + (blk >> 1) * kTileBytes + r * 128;
+    fp8_chunk(raw + (((4 * (blk & 1) + q) ^ (r & 7)) << 4));
+    if constexpr (F == KvFormat::kFp8WithScale) {
+      const Factor& f = sc[blk >> 1];
+      const uint32_t f2 = f.bits | (f.bits << 16);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) w[k] = scale_word(w[k], f2, f.s, f.s, kFast);
+    }
+  } else if constexpr (F == KvFormat::kFp8WithScale) {
+    native_tile(stage + Stage<F>::kRope);
+  } else {
+    fp8_chunk(stage + Stage<F>::kRope + r * 64 + q * 16);
+  }
+}
+
+// S^T = K Q^T over the page in `stage`, waited for.
+template <typename T, KvFormat F, int N, bool kFast>
+__device__ __forceinline__ void qk_narrow(float (&s)[N / 2], uint32_t stage, uint32_t sq, int r0,
+                                          int q, const Factor (&sc0)[4],
+                                          const Factor (&sc1)[4]) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) s[i] = 0.f;
+  fence_regs(s);
+#pragma unroll
+  for (int blk = 0; blk < kKBlocks; ++blk) {
+    uint32_t w0[8], w1[8];
+    load_k_row<T, F, kFast>(w0, stage, blk, r0, q, sc0);
+    load_k_row<T, F, kFast>(w1, stage, blk, r0 + 8, q, sc1);
+    uint32_t a[4][4];
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+      a[st][0] = w0[2 * st];
+      a[st][1] = w1[2 * st];
+      a[st][2] = w0[2 * st + 1];
+      a[st][3] = w1[2 * st + 1];
+    }
+    fence_a(a);
+    wgmma_wait_n<1>();  // the group before last retired: its A registers may be reused
+    wgmma_fence();
+#pragma unroll
+    for (int st = 0; st < 4; ++st) {
+      wgmma_rs_narrow<T, N>(s, a[st], smem_desc(sq + blk * N * 128 + st * 32, 16, 1024));
+    }
+    wgmma_commit();
+  }
+  wgmma_wait_n<0>();
+  fence_regs(s);
+}
+
+// ---- V^T (A of PV) ----------------------------------------------------------------------------
+
+// bf16x2 (lo = key a, hi = key b) of e4m3 bytes selected by `sel` from x (key a) and y (key b),
+// times 2^-120 (fp8_dequant.cuh's trick, sign-replicating prmt over two sources).
+__device__ __forceinline__ uint32_t e4m3_pair(uint32_t x, uint32_t y, uint32_t sel) {
+  return (prmt2(x, y, sel) << 4) & 0x87F087F0u;
+}
+// Byte b of x and of y as a sign-extended 16-bit lane pair.
+__host__ __device__ constexpr uint32_t pair_sel(int b) {
+  return (uint32_t)(b | ((b | 8) << 4) | ((4 + b) << 8) | ((12 + b) << 12));
+}
+
+// O^T += V^T P^T over the page in `stage`: 8 groups (key step ks, M-tiles 4h..4h+3), waited for.
+// (Leaving PV in flight under the next page's QK^T makes ptxas serialize every wgmma of the
+// kernel: C7514/C7515, accumulators touched inside the pipeline stage.) Keys >= valid contribute
+// zeros.
+template <typename T, KvFormat F, int N, bool kFast>
+__device__ __forceinline__ void pv_narrow(float (&o)[8][N / 2], uint32_t stage, uint32_t spt,
+                                          int w, int g, int q, int valid) {
+#pragma unroll
+  for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);  // the softmax's rescaling happens before
+#pragma unroll
+  for (int ks = 0; ks < kPageSize / 16; ++ks) {
+    // Keys of A's k = 2q, 2q+1 (hi = 0) and 2q+8, 2q+9 (hi = 1): key[hi][e] = 16ks + q + 4e + 8hi.
+    int key[2][2];
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi)
+      for (int e = 0; e < 2; ++e) key[hi][e] = 16 * ks + q + 4 * e + 8 * hi;
+    const uint64_t desc = smem_desc(spt + ks * 32, 16, 1024);
+    if constexpr (F == KvFormat::kNative) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // Channels 16(8w + g) + 8h .. + 7 of each key: one 16-byte chunk.
+        uint32_t u[2][2][4];
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi)
+          for (int e = 0; e < 2; ++e) {
+            const int t = key[hi][e];
+            const uint4 v = lds128(stage + (2 * w + (g >> 2)) * kTileBytes + t * 128 +
+                                   (((2 * (g & 3) + h) ^ (t & 7)) << 4));
+            const bool ok = t < valid;
+            u[hi][e][0] = ok ? v.x : 0u;
+            u[hi][e][1] = ok ? v.y : 0u;
+            u[hi][e][2] = ok ? v.z : 0u;
+            u[hi][e][3] = ok ? v.w : 0u;
+          }
+        uint32_t a[4][4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          a[m][0] = prmt2(u[0][0][m], u[0][1][m], 0x5410);
+          a[m][1] = prmt2(u[0][0][m], u[0][1][m], 0x7632);
+          a[m][2] = prmt2(u[1][0][m], u[1][1][m], 0x5410);
+          a[m][3] = prmt2(u[1][0][m], u[1][1][m], 0x7632);
+        }
+        fence_a(a);
+        wgmma_wait_n<1>();
+        wgmma_fence();
+#pragma unroll
+        for (int m = 0; m < 4; ++m) wgmma_rs_narrow<T, N>(o[4 * h + m], a[m], desc);
+        wgmma_commit();
+      }
+    } else {
+      // Channels 16(8w + g).. of each key: chunk g of raw block w, 16 e4m3 bytes.
+      uint32_t b[2][2][4];
+      Factor f[2][2];
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi)
+        for (int e = 0; e < 2; ++e) {
+          const int t = key[hi][e];
+          const uint4 v = lds128(stage + w * kTileBytes + t * 128 + ((g ^ (t & 7)) << 4));
+          b[hi][e][0] = v.x;
+          b[hi][e][1] = v.y;
+          b[hi][e][2] = v.z;
+          b[hi][e][3] = v.w;
+          if constexpr (F == KvFormat::kFp8WithScale) {
+            const float sc = __uint_as_float(lds32(stage + Stage<F>::kScales + t * 16 + w * 4));
+            f[hi][e] = factor_of(t < valid ? sc : 0.f);
+          }
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t a[4][4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const int mt = 4 * h + m, word = mt >> 1, byte = 2 * (mt & 1);
+#pragma unroll
+          for (int hi = 0; hi < 2; ++hi) {
+            uint32_t lo = e4m3_pair(b[hi][0][word], b[hi][1][word], pair_sel(byte));
+            uint32_t up = e4m3_pair(b[hi][0][word], b[hi][1][word], pair_sel(byte + 1));
+            if constexpr (F == KvFormat::kFp8WithScale) {
+              const uint32_t f2 = f[hi][0].bits | (f[hi][1].bits << 16);
+              lo = scale_word(lo, f2, f[hi][0].s, f[hi][1].s, kFast);
+              up = scale_word(up, f2, f[hi][0].s, f[hi][1].s, kFast);
+            }  // per tensor: P^T carries the 2^120
+            a[m][2 * hi] = lo;      // row 16w + g (channel +0), keys of k = 2q.. / 2q+8..
+            a[m][2 * hi + 1] = up;  // row + 8 (channel +1)
+          }
+        }
+        fence_a(a);
+        wgmma_wait_n<1>();
+        wgmma_fence();
+#pragma unroll
+        for (int m = 0; m < 4; ++m) wgmma_rs_narrow<T, N>(o[4 * h + m], a[m], desc);
+        wgmma_commit();
+      }
+    }
+  }
+  wgmma_wait_n<0>();
+#pragma unroll
+  for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);
+}
+
+// ---- producer ----------------------------------------------------------------------------------
+
+template <KvFormat F, int N>
+__device__ __forceinline__ void produce(const DecodeParams& p, NarrowSmem<F, N>& sm,
+                                        const CUtensorMap* kmap, const CUtensorMap* aux_map,
+                                        const int32_t* md, int begin_req, int end_req, int kvh) {
+  constexpr int kCount = Stage<F>::kCount;
+  const uint64_t policy = evict_first_policy();
+  uint32_t it = 0;
+  for (int req = begin_req; req <= end_req; ++req) {
+    const Piece pc = make_piece(p, md, req, begin_req, end_req, 0, 0, 0);
+    const int32_t* bt = p.block_table + (int64_t)req * p.max_blocks;
+    for (int b = pc.start; b < pc.end; ++b, ++it) {
+      const int st = it % kCount;
+      const uint32_t round = it / kCount;
+      if (round > 0) mbar_wait(smem_addr(&sm.empty[st]), (round - 1) & 1);
+      const int page = bt[b];
+      const uint32_t dst = smem_addr(sm.stage[st]), bar = smem_addr(&sm.full[st]);
+      mbar_expect_tx(true, bar, Stage<F>::kBytes);
+      if constexpr (F == KvFormat::kNative) {
+        for (int t = 0; t < kKBlocks; ++t)
+          tma_load_tile(true, dst + t * kTileBytes, kmap, bar, t * 64, kvh, page, policy);
+      } else {
+        for (int j = 0; j < 4; ++j)
+          tma_load_tile(true, dst + j * kTileBytes, kmap, bar, j * 128, kvh, page, policy);
+        if constexpr (F == KvFormat::kFp8WithScale) {
+          tma_load_tile(true, dst + Stage<F>::kRope, kmap, bar, kHeadDimV + 16, kvh, page, policy);
+          tma_load_tile(true, dst + Stage<F>::kScales, aux_map, bar, kHeadDimV, kvh, page, policy);
+        } else {
+          tma_load_tile(true, dst + Stage<F>::kRope, aux_map, bar, kHeadDimV, kvh, page, policy);
+        }
+      }
+    }
+  }
+}
+
+// ---- the kernel --------------------------------------------------------------------------------
+
+// kv_scale: FP8 per tensor only (device scalar; logits and O are scaled by it, K is not).
+template <typename T, KvFormat F, int N>
+__global__ void __launch_bounds__(kNarrowThreads, 1)
+    narrow_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kmap,
+                  const __grid_constant__ CUtensorMap aux_map, const float* kv_scale) {
+  constexpr int kCount = Stage<F>::kCount, kCols = N / 4;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t misalign = smem_addr(smem_raw) & (kSmemAlign - 1);
+  NarrowSmem<F, N>& sm =
+      *reinterpret_cast<NarrowSmem<F, N>*>(smem_raw + (misalign ? kSmemAlign - misalign : 0));
+
+  const int kvh = blockIdx.y, part = blockIdx.z;
+  const int32_t* md = p.tile_md + (int64_t)part * kMetadataRow;
+  const int begin_req = md[0];
+  if (begin_req < 0 || begin_req >= p.b) return;
+  const int end_req = min(md[1], p.b - 1);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kCount; ++i) {
+      mbar_init(smem_addr(&sm.full[i]), 1);
+      mbar_init(smem_addr(&sm.empty[i]), kConsumerThreads);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (warp == kConsumerThreads / 32) {
+    if (lane == 0) produce<F, N>(p, sm, &kmap, &aux_map, md, begin_req, end_req, kvh);
+    return;
+  }
+
+  const int w = warp, g = lane / 4, q = lane % 4;
+  const int r0 = 16 * w + g;  // this thread's key rows in S^T: r0, r0 + 8
+  const float out_scale = F == KvFormat::kFp8PerTensor ? *kv_scale : 1.f;
+  // Per tensor, S^T comes out times 2^-60 (Q * 2^60, K * 2^-120).
+  const float scale_log2 =
+      p.scale_log2 * out_scale * (F == KvFormat::kFp8PerTensor ? kPow2_60 : 1.f);
+  // ... and P^T goes in times 2^120, which V's 2^-120 cancels.
+  constexpr float kPScale = F == KvFormat::kFp8PerTensor ? kPow2_120 : 1.f;
+  const uint32_t sq = smem_addr(sm.q), spt = smem_addr(sm.pt);
+  T* const pt = reinterpret_cast<T*>(sm.pt);
+  uint32_t it = 0;  // pages consumed so far (ring position)
+
+  for (int req = begin_req; req <= end_req; ++req) {
+    const Piece pc = make_piece(p, md, req, begin_req, end_req, 0, 0, 0);
+    load_q_narrow<T, F, N>(p, sm.q, req, kvh, threadIdx.x);
+    fence_proxy_async();
+    bar_sync(kBarConsumers, kConsumerThreads);
+
+    float o[8][N / 2];
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt)
+      for (int i = 0; i < N / 2; ++i) o[mt][i] = 0.f;
+    float m[kCols], l[kCols];
+    int border[kCols];  // keys < border count for column c (bottom-right causal mask)
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const int n = acc_col(c);
+      m[c] = kMaxInit;
+      l[c] = 0.f;
+      border[c] = pc.seqlen - (p.causal && n < p.q_rows ? p.s_q - 1 - n / p.ng : 0);
+    }
+
+#pragma unroll 1
+    for (int b = pc.start; b < pc.end; ++b, ++it) {
+      const int st = it % kCount;
+      const uint32_t stage = smem_addr(sm.stage[st]);
+      mbar_wait(smem_addr(&sm.full[st]), (it / kCount) & 1);
+      const int valid = min(max(pc.seqlen - b * kPageSize, 0), kPageSize);
+
+      Factor sc0[4], sc1[4];
+      bool fast = true;  // with scale: every scale of the page is a power of two (or 0)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sc0[j] = sc1[j] = Factor{0u, 1.f, true};
+      if constexpr (F == KvFormat::kFp8WithScale) {
+        // The warpgroup's 2 x 64 rows cover the page: one vote decides for all its conversions.
+        const uint4 a = lds128(stage + Stage<F>::kScales + r0 * 16);
+        const uint4 c = lds128(stage + Stage<F>::kScales + (r0 + 8) * 16);
+        const uint32_t va[4] = {a.x, a.y, a.z, a.w}, vc[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          sc0[j] = factor_of(__uint_as_float(va[j]));
+          sc1[j] = factor_of(__uint_as_float(vc[j]));
+          fast = fast && sc0[j].exact && sc1[j].exact;
+        }
+        fast = bar_and(kBarVote, kConsumerThreads, fast);
+      }
+      float s[N / 2];
+      if (fast) {
+        qk_narrow<T, F, N, true>(s, stage, sq, r0, q, sc0, sc1);
+      } else {
+        qk_narrow<T, F, N, false>(s, stage, sq, r0, q, sc0, sc1);
+      }
+
+      // ---- softmax over columns ----
+      float mx[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) mx[c] = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) {
+        const int c = slot_of(i), key = b * kPageSize + r0 + 8 * half_of(i);
+        s[i] = key < border[c] ? s[i] : -INFINITY;
+        mx[c] = fmaxf(mx[c], s[i]);
+      }
+      const int rb = it & 1;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 4));
+        mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 8));
+        mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 16));
+        if (g == 0) sm.red_max[rb][w][acc_col(c)] = mx[c];
+      }
+      bar_sync(kBarConsumers, kConsumerThreads);
+      float alpha[kCols], psum[kCols];
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int n = acc_col(c);
+        const float cm = fmaxf(fmaxf(sm.red_max[rb][0][n], sm.red_max[rb][1][n]),
+                               fmaxf(sm.red_max[rb][2][n], sm.red_max[rb][3][n]));
+        const float new_m = fmaxf(m[c], cm * scale_log2);
+        alpha[c] = fast_exp2(m[c] - new_m);
+        m[c] = new_m;
+        psum[c] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) {
+        const int c = slot_of(i);
+        const float pv = fast_exp2(fmaf(s[i], scale_log2, -m[c]));
+        psum[c] += pv;
+        // P^T row n = column, logical key k: key row r0 + 8 half = 16w + (g + 8 half) holds
+        // key q' + 4e + 8hi of step w with q' = g % 4, e = g / 4, hi = half -> k = 2q' + e + 8hi.
+        const int n = acc_col(c), k = 16 * w + 2 * (g & 3) + (g >> 2) + 8 * half_of(i);
+        pt[n * 64 + ((((k >> 3) ^ (n & 7))) << 3) + (k & 7)] = T(pv * kPScale);
+      }
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) l[c] = l[c] * alpha[c] + psum[c];
+#pragma unroll
+      for (int mt = 0; mt < 8; ++mt)
+        for (int i = 0; i < N / 2; ++i) o[mt][i] *= alpha[slot_of(i)];
+      fence_proxy_async();  // P^T feeds wgmma
+      bar_sync(kBarConsumers, kConsumerThreads);
+
+      if (fast) {
+        pv_narrow<T, F, N, true>(o, stage, spt, w, g, q, valid);
+      } else {
+        pv_narrow<T, F, N, false>(o, stage, spt, w, g, q, valid);
+      }
+      mbar_arrive(smem_addr(&sm.empty[st]));  // this thread's reads of the stage are done
+    }
+    // ---- epilogue: column sums, then each thread writes its 16 channels of its columns ----
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      l[c] += __shfl_xor_sync(0xffffffffu, l[c], 4);
+      l[c] += __shfl_xor_sync(0xffffffffu, l[c], 8);
+      l[c] += __shfl_xor_sync(0xffffffffu, l[c], 16);
+      if (g == 0) sm.red_sum[w][acc_col(c)] = l[c];
+    }
+    bar_sync(kBarConsumers, kConsumerThreads);
+    const int ch0 = 16 * (8 * w + g);
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const int n = acc_col(c);
+      if (n >= p.q_rows) continue;
+      const float L = sm.red_sum[0][n] + sm.red_sum[1][n] + sm.red_sum[2][n] + sm.red_sum[3][n];
+      const bool empty = !(L > 0.f);
+      const float inv = empty ? 0.f : out_scale / L;
+      float v[16];
+#pragma unroll
+      for (int mt = 0; mt < 8; ++mt)
+        for (int hf = 0; hf < 2; ++hf) v[2 * mt + hf] = o[mt][4 * (c >> 1) + 2 * hf + (c & 1)] * inv;
+      const int tok = n / p.ng, h = kvh * p.ng + n % p.ng;
+      const bool lse_writer = w == 0 && g == 0;
+      if (!pc.is_split) {
+        uint32_t packed[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) packed[k] = MmaOp<T>::pack(v[2 * k], v[2 * k + 1]);
+        T* row = static_cast<T*>(p.out) + (((int64_t)req * p.s_q + tok) * p.h_q + h) * kHeadDimV;
+        *reinterpret_cast<uint4*>(row + ch0) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        *reinterpret_cast<uint4*>(row + ch0 + 8) =
+            make_uint4(packed[4], packed[5], packed[6], packed[7]);
+        if (lse_writer)
+          p.lse[((int64_t)req * p.h_q + h) * p.s_q + tok] =
+              empty ? INFINITY : (log2f(L) + m[c]) * kLn2;
+      } else if (pc.slot >= 0 && pc.slot < p.b + p.num_parts) {  // bad metadata: never write OOB
+        const int64_t row_idx = ((int64_t)pc.slot * p.h_kv + kvh) * p.q_rows + n;
+        float4* acc = reinterpret_cast<float4*>(p.o_accum + row_idx * kHeadDimV + ch0);
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          acc[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+        if (lse_writer) p.lse_accum[row_idx] = empty ? -INFINITY : log2f(L) + m[c];
+      }
+    }
+    bar_sync(kBarConsumers, kConsumerThreads);  // red_sum and Q are reused by the next request
+  }
+}
+
+template <typename T, KvFormat F, int N>
+cudaError_t launch_n(const DecodeParams& p, const CUtensorMap& map, const CUtensorMap& aux,
+                     const float* kv_scale, cudaStream_t stream) {
+  const dim3 grid(1, p.h_kv, p.num_parts);
+  narrow_kernel<T, F, N><<<grid, kNarrowThreads, kNarrowSmemBytes<F, N>, stream>>>(p, map, aux,
+                                                                                  kv_scale);
+  return cudaGetLastError();
+}
+
+template <typename T, KvFormat F>
+cudaError_t launch_rows(const DecodeParams& p, const CUtensorMap& map, const CUtensorMap& aux,
+                        const float* kv_scale, cudaStream_t stream) {
+  if (p.q_rows > kNarrowMaxRows) return cudaErrorInvalidValue;
+  return p.q_rows <= 16 ? launch_n<T, F, 16>(p, map, aux, kv_scale, stream)
+                        : launch_n<T, F, 32>(p, map, aux, kv_scale, stream);
+}
+
+template <typename T, KvFormat F>
+cudaError_t set_smem() {
+  cudaError_t err = cudaFuncSetAttribute(narrow_kernel<T, F, 16>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kNarrowSmemBytes<F, 16>);
+  if (err != cudaSuccess) return err;
+  return cudaFuncSetAttribute(narrow_kernel<T, F, 32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              kNarrowSmemBytes<F, 32>);
+}
+
+static_assert(kNarrowSmemBytes<KvFormat::kNative, 32> <= 232448, "narrow: too much shared memory");
+static_assert(kNarrowSmemBytes<KvFormat::kFp8WithScale, 32> <= 232448,
+              "narrow: too much shared memory");
+static_assert(kNarrowSmemBytes<KvFormat::kFp8PerTensor, 32> <= 232448,
+              "narrow: too much shared memory");
+
+cudaError_t map_result(CUresult r) {
+  if (r == CUDA_ERROR_NOT_SUPPORTED) return cudaErrorNotSupported;
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t prepare_narrow(ElemType t) {
+  return t == ElemType::kBF16 ? set_smem<__nv_bfloat16, KvFormat::kNative>()
+                              : set_smem<__half, KvFormat::kNative>();
+}
+
+cudaError_t launch_narrow(const DecodeParams& p, ElemType t, cudaStream_t stream) {
+  const bool bf16 = t == ElemType::kBF16;
+  CUtensorMap map;
+  const CUresult r = encode_cache_map(
+      &map, p, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+      kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (r != CUDA_SUCCESS) return map_result(r);
+  return bf16 ? launch_rows<__nv_bfloat16, KvFormat::kNative>(p, map, map, nullptr, stream)
+              : launch_rows<__half, KvFormat::kNative>(p, map, map, nullptr, stream);
+}
+
+cudaError_t prepare_narrow_fp8() {
+  if (cudaError_t err = set_smem<__nv_bfloat16, KvFormat::kFp8WithScale>(); err != cudaSuccess) {
+    return err;
+  }
+  return set_smem<__nv_bfloat16, KvFormat::kFp8PerTensor>();
+}
+
+cudaError_t launch_narrow_fp8(const DecodeFp8Params& fp, Fp8Layout layout, cudaStream_t stream) {
+  // Raw blocks: 128 bytes x 64 keys, 128-byte swizzled (with scale, the bf16 RoPE through the same
+  // map lands as a bf16 tile). Second map: with scale the 16 bytes of scales, per tensor the 64
+  // bytes of e4m3 RoPE, both unswizzled.
+  const bool ws = layout == Fp8Layout::kWithScale;
+  const int row = ws ? kFp8WithScaleBytes : kFp8PerTensorBytes;
+  CUtensorMap map, aux;
+  CUresult r = encode_cache_map(&map, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row, 128,
+                                CU_TENSOR_MAP_SWIZZLE_128B);
+  if (r == CUDA_SUCCESS) {
+    r = encode_cache_map(&aux, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row, ws ? 16 : 64,
+                         CU_TENSOR_MAP_SWIZZLE_NONE);
+  }
+  if (r != CUDA_SUCCESS) return map_result(r);
+  return ws ? launch_rows<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, aux, nullptr,
+                                                                  stream)
+            : launch_rows<__nv_bfloat16, KvFormat::kFp8PerTensor>(fp.base, map, aux, fp.kv_scale,
+                                                                 stream);
+}
+
+}  // namespace jfm

@@ -1,0 +1,112 @@
+// mbarrier, TMA and shared-memory helpers shared by the TMA-fed decode kernels
+// (decode_pipelined.cu, decode_narrow.cu), and the host-side tensor-map encoding of a paged cache.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/mla.h"
+
+namespace jfm {
+namespace decode_detail {
+
+// What the cache holds. kNative: T (bf16/fp16), one TMA copy per tile. kFp8*: e4m3 pages (see
+// decode_fp8.h), dequantized to bf16 on chip.
+enum class KvFormat { kNative, kFp8WithScale, kFp8PerTensor };
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+// The TMA issue helpers are predicated inside the asm rather than branched around: a branch on
+// "the issuing thread" while wgmma accumulators are in flight makes ptxas serialize the wgmmas.
+__device__ __forceinline__ void mbar_expect_tx(bool pred, uint32_t bar, uint32_t bytes) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"
+      "@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n}\n"
+      :: "r"(bar), "r"(bytes), "r"((int)pred) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// One 64-token x 64-column tile of a cache page (box of the 4-D map {576, 64, h_kv, pages}).
+__device__ __forceinline__ void tma_load_tile(bool pred, uint32_t dst, const CUtensorMap* map,
+                                              uint32_t bar, int col, int kvh, int page,
+                                              uint64_t policy) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %8, 0;\n"
+      "@p cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".L2::cache_hint [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n}\n"
+      :: "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(0), "r"(kvh),
+         "r"(page), "l"(policy), "r"((int)pred)
+      : "memory");
+}
+
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void sts128(uint32_t addr, const uint32_t (&v)[4]) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+               :: "r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]) : "memory");
+}
+
+// cuTensorMapEncodeTiled from the driver the runtime already loaded (no -lcuda at link time).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+inline EncodeTiledFn encode_tiled_fn() {
+  static EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                         cudaEnableDefault, &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess) {
+      ptr = nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// A 4-D map {row bytes / elements, 64 tokens, h_kv, pages} of the cache with a box of `box_cols`
+// x 64 tokens. Coordinates past any edge (a bad page id) read as zeros.
+inline CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtensorMapDataType type,
+                          int elem_bytes, int row_elems, int box_cols, CUtensorMapSwizzle swizzle) {
+  EncodeTiledFn encode = encode_tiled_fn();
+  if (!encode) return CUDA_ERROR_NOT_SUPPORTED;
+  const cuuint64_t dims[4] = {(cuuint64_t)row_elems, (cuuint64_t)kPageSize, (cuuint64_t)p.h_kv,
+                              (cuuint64_t)p.num_blocks};
+  const cuuint64_t token_bytes = (cuuint64_t)p.h_kv * row_elems * elem_bytes;
+  const cuuint64_t strides[3] = {token_bytes, (cuuint64_t)row_elems * elem_bytes,
+                                 token_bytes * kPageSize};
+  const cuuint32_t box[4] = {(cuuint32_t)box_cols, (cuuint32_t)kPageSize, 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  return encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
+}  // namespace decode_detail
+}  // namespace jfm
