@@ -26,9 +26,9 @@ ffi::Error ensure_decode_prepared(jfm::ElemType t) {
                                       [t] { return jfm::prepare_decode(t); });
 }
 
-// Decode back end: the narrow kernel (v5) up to kNarrowMaxRows query rows per KV head, else the
-// pipelined seesaw kernel (v4). JAX_FLASHMLA_DECODE_KERNEL=narrow|pipelined|seesaw|wgmma|mma
-// forces one (narrow only where it applies). The older back ends stay for comparison
+// Decode back end: the narrow kernel (v5) up to kNarrowDefaultRows query rows per KV head, else
+// the pipelined seesaw kernel (v4). JAX_FLASHMLA_DECODE_KERNEL=narrow|pipelined|seesaw|wgmma|mma
+// forces one (narrow up to kNarrowMaxRows). The older back ends stay for comparison
 // (docs/perf-notes.md).
 jfm::DecodeVariant decode_variant(int64_t q_rows) {
   static const int forced = [] {
@@ -40,11 +40,11 @@ jfm::DecodeVariant decode_variant(int64_t q_rows) {
     if (env == "narrow") return (int)jfm::DecodeVariant::kNarrow;
     return -1;
   }();
-  const bool narrow_fits = q_rows <= jfm::kNarrowMaxRows;
-  if (forced >= 0 && (forced != (int)jfm::DecodeVariant::kNarrow || narrow_fits)) {
+  if (forced >= 0 && (forced != (int)jfm::DecodeVariant::kNarrow || q_rows <= jfm::kNarrowMaxRows)) {
     return (jfm::DecodeVariant)forced;
   }
-  return narrow_fits ? jfm::DecodeVariant::kNarrow : jfm::DecodeVariant::kPipelined;
+  return q_rows <= jfm::kNarrowDefaultRows ? jfm::DecodeVariant::kNarrow
+                                           : jfm::DecodeVariant::kPipelined;
 }
 
 

@@ -28,10 +28,13 @@ ffi::Error ensure_fp8_prepared() {
   });
 }
 
-// The narrow kernel up to kNarrowMaxRows query rows per KV head unless
-// JAX_FLASHMLA_DECODE_KERNEL=pipelined, else the pipelined kernel with its converter warpgroup.
+// As for bf16: the narrow kernel up to kNarrowDefaultRows query rows per KV head (up to
+// kNarrowMaxRows with JAX_FLASHMLA_DECODE_KERNEL=narrow; never with =pipelined), else the pipelined
+// kernel with its converter warpgroup.
 bool use_narrow(int q_rows) {
-  return q_rows <= jfm::kNarrowMaxRows && jfm_ffi::forced_decode_kernel() != "pipelined";
+  const std::string& forced = jfm_ffi::forced_decode_kernel();
+  if (forced == "pipelined") return false;
+  return q_rows <= (forced == "narrow" ? jfm::kNarrowMaxRows : jfm::kNarrowDefaultRows);
 }
 
 std::string dims_msg(int64_t token_bytes) {

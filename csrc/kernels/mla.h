@@ -21,8 +21,11 @@ enum class ElemType { kBF16, kFP16 };
 // per-tile TMA loads that refill each tile as soon as it is free (v4, "pipelined").
 // v5 ("narrow", decode_narrow.cu): for at most kNarrowMaxRows query rows per KV head, MMAs with the
 // keys / channels as M and the query rows as N (S^T = K Q^T, O^T = V^T P^T), no padding rows.
+// It is the default up to kNarrowDefaultRows (measured faster there; at 32 rows it ties v4 for
+// bf16) and can be forced up to kNarrowMaxRows.
 enum class DecodeVariant { kMmaSync, kWgmma, kSeesaw, kPipelined, kNarrow };
 constexpr int kNarrowMaxRows = 32;
+constexpr int kNarrowDefaultRows = 16;
 
 // One decode call. All tensors are dense row-major, as XLA hands them over.
 struct DecodeParams {
