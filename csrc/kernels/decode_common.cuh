@@ -123,6 +123,11 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+// Waits until at most N commit groups of this warpgroup are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
 // Pins accumulator registers at this point: the compiler must not move their reads or writes
 // across the asynchronous wgmma issue / wait.
 template <int N>
@@ -208,6 +213,11 @@ __device__ __forceinline__ Piece make_piece(const DecodeParams& p, const int32_t
   pc.border_lo = border(r_lo);
   pc.border_hi = border(r_hi);
   return pc;
+}
+
+// Keys of page `blk` below seqlen (0..64).
+__device__ __forceinline__ int valid_rows(int seqlen, int blk) {
+  return min(max(seqlen - blk * kPageSize, 0), kPageSize);
 }
 
 // 2^x in one MUFU op (ex2.approx, ~2 ulp; flushes denormal results to 0, exp2(-inf) = 0).

@@ -80,11 +80,6 @@ struct NarrowSmem {
 template <KvFormat F, int N>
 constexpr int kNarrowSmemBytes = (int)sizeof(NarrowSmem<F, N>) + kSmemAlign;
 
-template <int N>
-__device__ __forceinline__ void wgmma_wait_n() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
-}
-
 __device__ __forceinline__ uint32_t prmt2(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t d;
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
@@ -243,7 +238,7 @@ __device__ __forceinline__ void qk_narrow(float (&s)[N / 2], uint32_t stage, uin
       a[st][3] = w1[2 * st + 1];
     }
     fence_a(a);
-    wgmma_wait_n<1>();  // the group before last retired: its A registers may be reused
+    wgmma_wait<1>();  // the group before last retired: its A registers may be reused
     wgmma_fence();
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
@@ -251,7 +246,7 @@ __device__ __forceinline__ void qk_narrow(float (&s)[N / 2], uint32_t stage, uin
     }
     wgmma_commit();
   }
-  wgmma_wait_n<0>();
+  wgmma_wait<0>();
   fence_regs(s);
 }
 
@@ -265,6 +260,19 @@ __device__ __forceinline__ uint32_t e4m3_pair(uint32_t x, uint32_t y, uint32_t s
 // Byte b of x and of y as a sign-extended 16-bit lane pair.
 __host__ __device__ constexpr uint32_t pair_sel(int b) {
   return (uint32_t)(b | ((b | 8) << 4) | ((4 + b) << 8) | ((12 + b) << 12));
+}
+
+// One PV commit group: M-tiles 4h..4h+3 of O^T += their A fragments times P^T's k-step `desc`,
+// once the group before last has retired (its A registers are then free).
+template <typename T, int N>
+__device__ __forceinline__ void pv_group(float (&o)[8][N / 2], int h, uint32_t (&a)[4][4],
+                                         uint64_t desc) {
+  fence_a(a);
+  wgmma_wait<1>();
+  wgmma_fence();
+#pragma unroll
+  for (int m = 0; m < 4; ++m) wgmma_rs_narrow<T, N>(o[4 * h + m], a[m], desc);
+  wgmma_commit();
 }
 
 // O^T += V^T P^T over the page in `stage`: 8 groups (key step ks, M-tiles 4h..4h+3), waited for.
@@ -309,12 +317,7 @@ __device__ __forceinline__ void pv_narrow(float (&o)[8][N / 2], uint32_t stage, 
           a[m][2] = prmt2(u[1][0][m], u[1][1][m], 0x5410);
           a[m][3] = prmt2(u[1][0][m], u[1][1][m], 0x7632);
         }
-        fence_a(a);
-        wgmma_wait_n<1>();
-        wgmma_fence();
-#pragma unroll
-        for (int m = 0; m < 4; ++m) wgmma_rs_narrow<T, N>(o[4 * h + m], a[m], desc);
-        wgmma_commit();
+        pv_group<T, N>(o, h, a, desc);
       }
     } else {
       // Channels 16(8w + g).. of each key: chunk g of raw block w, 16 e4m3 bytes.
@@ -353,16 +356,11 @@ __device__ __forceinline__ void pv_narrow(float (&o)[8][N / 2], uint32_t stage, 
             a[m][2 * hi + 1] = up;  // row + 8 (channel +1)
           }
         }
-        fence_a(a);
-        wgmma_wait_n<1>();
-        wgmma_fence();
-#pragma unroll
-        for (int m = 0; m < 4; ++m) wgmma_rs_narrow<T, N>(o[4 * h + m], a[m], desc);
-        wgmma_commit();
+        pv_group<T, N>(o, h, a, desc);
       }
     }
   }
-  wgmma_wait_n<0>();
+  wgmma_wait<0>();
 #pragma unroll
   for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);
 }
@@ -473,7 +471,7 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
       const int st = it % kCount;
       const uint32_t stage = smem_addr(sm.stage[st]);
       mbar_wait(smem_addr(&sm.full[st]), (it / kCount) & 1);
-      const int valid = min(max(pc.seqlen - b * kPageSize, 0), kPageSize);
+      const int valid = valid_rows(pc.seqlen, b);
 
       Factor sc0[4], sc1[4];
       bool fast = true;  // with scale: every scale of the page is a power of two (or 0)
@@ -634,11 +632,6 @@ static_assert(kNarrowSmemBytes<KvFormat::kFp8WithScale, 32> <= 232448,
 static_assert(kNarrowSmemBytes<KvFormat::kFp8PerTensor, 32> <= 232448,
               "narrow: too much shared memory");
 
-cudaError_t map_result(CUresult r) {
-  if (r == CUDA_ERROR_NOT_SUPPORTED) return cudaErrorNotSupported;
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t prepare_narrow(ElemType t) {
@@ -652,7 +645,7 @@ cudaError_t launch_narrow(const DecodeParams& p, ElemType t, cudaStream_t stream
   const CUresult r = encode_cache_map(
       &map, p, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
       kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B);
-  if (r != CUDA_SUCCESS) return map_result(r);
+  if (r != CUDA_SUCCESS) return tensor_map_error(r);
   return bf16 ? launch_rows<__nv_bfloat16, KvFormat::kNative>(p, map, map, nullptr, stream)
               : launch_rows<__half, KvFormat::kNative>(p, map, map, nullptr, stream);
 }
@@ -677,7 +670,7 @@ cudaError_t launch_narrow_fp8(const DecodeFp8Params& fp, Fp8Layout layout, cudaS
     r = encode_cache_map(&aux, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row, ws ? 16 : 64,
                          CU_TENSOR_MAP_SWIZZLE_NONE);
   }
-  if (r != CUDA_SUCCESS) return map_result(r);
+  if (r != CUDA_SUCCESS) return tensor_map_error(r);
   return ws ? launch_rows<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, aux, nullptr,
                                                                   stream)
             : launch_rows<__nv_bfloat16, KvFormat::kFp8PerTensor>(fp.base, map, aux, fp.kv_scale,

@@ -314,11 +314,6 @@ __device__ __forceinline__ void pv_issue_rs(float (&o)[32][4], const uint32_t (&
   wgmma_commit();
 }
 
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
-}
-
 // Zeroes rows >= valid of tiles [t0, t0 + 4) of a page buffer (one warpgroup), then makes the
 // zeros visible to this warpgroup's wgmma.
 template <typename T>
@@ -330,10 +325,6 @@ __device__ __forceinline__ void zero_rows(T* buf, int t0, int valid, int wg_tid,
   }
   fence_proxy_async();
   bar_sync(kBarWgBase + wg, kWgThreads);
-}
-
-__device__ __forceinline__ int valid_rows(int seqlen, int blk) {
-  return min(max(seqlen - blk * kPageSize, 0), kPageSize);
 }
 
 // ---- FP8: the converter warpgroup ---------------------------------------------------------
@@ -801,8 +792,7 @@ cudaError_t launch_pipelined_t(const DecodeParams& p, cudaStream_t stream) {
       std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                      : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
       sizeof(T), kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B);
-  if (r == CUDA_ERROR_NOT_SUPPORTED) return cudaErrorNotSupported;
-  if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  if (r != CUDA_SUCCESS) return tensor_map_error(r);
   return launch_kernel<T, KvFormat::kNative>(p, map, map, nullptr, stream);
 }
 
@@ -839,8 +829,7 @@ cudaError_t launch_decode_fp8(const DecodeFp8Params& fp, Fp8Layout layout,
     r = encode_cache_map(&rope, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
                          kHeadDimQK - kHeadDimV, CU_TENSOR_MAP_SWIZZLE_NONE);
   }
-  if (r == CUDA_ERROR_NOT_SUPPORTED) return cudaErrorNotSupported;
-  if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  if (r != CUDA_SUCCESS) return tensor_map_error(r);
   return ws ? launch_kernel<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, map, nullptr,
                                                                     stream)
             : launch_kernel<__nv_bfloat16, KvFormat::kFp8PerTensor>(fp.base, map, rope,

@@ -108,5 +108,11 @@ inline CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtens
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
+// A failed encode_cache_map as the launchers report it: no driver entry point -> not supported,
+// anything else -> invalid value.
+inline cudaError_t tensor_map_error(CUresult r) {
+  return r == CUDA_ERROR_NOT_SUPPORTED ? cudaErrorNotSupported : cudaErrorInvalidValue;
+}
+
 }  // namespace decode_detail
 }  // namespace jfm
