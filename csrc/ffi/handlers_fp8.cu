@@ -2,6 +2,7 @@
 // handlers.cu: decode XLA's buffers, re-check shapes cheaply (the Python layer validated them at
 // trace time), launch on XLA's stream; no allocation, no host sync, no host reads of device data,
 // so the handler is safe to capture into XLA command buffers (CUDA graphs).
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -29,12 +30,14 @@ ffi::Error ensure_fp8_prepared() {
 }
 
 // As for bf16: the narrow kernel up to kNarrowDefaultRows query rows per KV head (up to
-// kNarrowMaxRows with JAX_FLASHMLA_DECODE_KERNEL=narrow; never with =pipelined), else the pipelined
-// kernel with its converter warpgroup.
-bool use_narrow(int q_rows) {
+// kNarrowMaxRows, with scale kNarrowMaxRowsWithScale, with JAX_FLASHMLA_DECODE_KERNEL=narrow; never
+// with =pipelined), else the pipelined kernel with its converter warpgroup.
+bool use_narrow(int q_rows, jfm::Fp8Layout layout) {
   const std::string& forced = jfm_ffi::forced_decode_kernel();
   if (forced == "pipelined") return false;
-  return q_rows <= (forced == "narrow" ? jfm::kNarrowMaxRows : jfm::kNarrowDefaultRows);
+  const int most = layout == jfm::Fp8Layout::kWithScale ? jfm::kNarrowMaxRowsWithScale
+                                                        : jfm::kNarrowMaxRows;
+  return q_rows <= (forced == "narrow" ? most : std::min(most, jfm::kNarrowDefaultRows));
 }
 
 std::string dims_msg(int64_t token_bytes) {
@@ -83,7 +86,7 @@ ffi::Error DecodeFp8Impl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   fp.kv_scale = kv_scale.typed_data();
   p.tuning = jfm_ffi::tuning_flags();
 
-  cudaError_t launched = use_narrow(p.q_rows) ? jfm::launch_narrow_fp8(fp, lay, stream)
+  cudaError_t launched = use_narrow(p.q_rows, lay) ? jfm::launch_narrow_fp8(fp, lay, stream)
                                               : jfm::launch_decode_fp8(fp, lay, stream);
   if (launched != cudaSuccess) return cuda_error("decode_fp8 launch", launched);
   if (cudaError_t err = jfm::launch_combine(p, jfm::ElemType::kBF16, stream); err != cudaSuccess) {

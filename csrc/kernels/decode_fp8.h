@@ -37,6 +37,9 @@ cudaError_t launch_decode_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaSt
 
 // The same over the narrow kernel (decode_narrow.cu; p.base.q_rows <= kNarrowMaxRows), which
 // dequantizes each thread's MMA fragments on their way from shared memory to registers.
+// With scale it takes at most kNarrowMaxRowsWithScale query rows per KV head (its four NoPE block
+// sums of S^T would not fit in registers beside 32 rows of O^T).
+constexpr int kNarrowMaxRowsWithScale = 16;
 cudaError_t prepare_narrow_fp8();
 cudaError_t launch_narrow_fp8(const DecodeFp8Params& p, Fp8Layout layout, cudaStream_t stream);
 

@@ -21,7 +21,13 @@
 // "full" mbarrier per stage; the consumers arrive on its "empty" mbarrier after their last read).
 // The softmax runs over columns (query rows): maxima go through shared memory once per page, sums
 // only at the end. Out-of-range page ids are out-of-bounds TMA boxes (zeros); keys past the length
-// are masked in S^T and their V is zeroed (bf16/fp16) or scaled by 0 (with scale) before PV.
+// are masked in S^T and their V is zeroed (bf16/fp16) or their P^T is 0 (FP8).
+// FP8 with scale multiplies no K or V value either: S^T is summed per 128-channel block (four
+// accumulators, scaled per key afterwards, plus the RoPE's), and PV runs on four copies of P^T, one
+// per block, each key's column times its scale. For that, an M-tile of O^T holds channels of one
+// block (PV's with-scale channel map below), and each block's O^T is kept relative to a power of two
+// S_b >= every scale seen so far (rescaled when it grows) so that P^T * scale / S_b * 2^120 stays in
+// bf16's range for any scale.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,9 +49,11 @@ using namespace decode_detail;
 constexpr int kConsumerThreads = 128;
 constexpr int kNarrowThreads = kConsumerThreads + 32;  // + the producer warp
 constexpr int kBarConsumers = 1;                      // named barrier of the consumer warpgroup
-constexpr int kBarVote = 2;                           // the consumers' per-page scale vote
 constexpr int kKBlocks = kHeadDimQK / 64;             // 9 blocks of 64 channels
 constexpr int kTileBytes = kColBlockBytes;            // 8 KB: 64 keys x 128 bytes
+template <KvFormat F>
+constexpr int kNarrowMaxRowsOf =
+    F == KvFormat::kFp8WithScale ? kNarrowMaxRowsWithScale : kNarrowMaxRows;
 
 // Where a page lies in a stage. Native: nine 64 x 64 tiles (128-byte swizzled). FP8: four raw blocks
 // of 64 keys x 128 e4m3 channels (swizzled), then the RoPE (with scale: a bf16 tile; per tensor:
@@ -71,8 +79,9 @@ template <KvFormat F, int N>
 struct NarrowSmem {
   uint8_t stage[Stage<F>::kCount][Stage<F>::kBytes];  // 1024-byte multiples: every tile aligned
   uint8_t q[kKBlocks * N * 128];                       // B of QK^T: 9 blocks of N x 64, SW128
-  uint8_t pt[N * 128];                                 // B of PV: P^T, N x 64 keys, SW128
-  float red_max[2][4][N];  // per-warp column maxima, double-buffered across pages
+  uint8_t pt[F == KvFormat::kFp8WithScale ? 4 : 1][N * 128];  // B of PV: P^T, N x 64 keys, SW128
+  float red_max[2][4][N];        // per-warp column maxima, double-buffered across pages
+  uint32_t red_scale[2][4][4];   // with scale: per-warp maxima of the blocks' |scale| bits
   float red_sum[4][N];
   uint64_t full[Stage<F>::kCount];
   uint64_t empty[Stage<F>::kCount];
@@ -98,45 +107,19 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
-// FP8 values on their way to the MMAs. e4m3 codes become bf16 of (value * 2^-120) in 3 integer ops
-// per two values (fp8_dequant.cuh). With scale, one bf16x2 multiply by 2^120 * scale finishes them
-// (exact for power-of-two scales); other scales take a float32 path. The choice is made once per
-// page for the whole warpgroup (bar_and) and picks one of two instantiations of QK^T and PV
-// (a per-word branch gets if-converted: both paths computed). Per tensor there is
-// no multiply at all: Q is stored times 2^60 and P^T times 2^120, and the softmax scale absorbs
-// the remaining 2^-60 of S^T (powers of two: exact).
+// FP8 values on their way to the MMAs: e4m3 codes become bf16 of (value * 2^-120) in 3 integer
+// ops per two values (fp8_dequant.cuh) and are never multiplied. Q's NoPE is stored times 2^60, so
+// S^T's NoPE part comes out times 2^-60 (per tensor the softmax scale absorbs it; with scale each
+// block sum is multiplied back), and P^T goes in times 2^120, which V's 2^-120 cancels. Powers of
+// two: exact.
 constexpr uint32_t kPow2_60x2 = 0x5D805D80u;  // bf16x2 (2^60, 2^60)
 constexpr float kPow2_60 = 0x1p60f, kPow2_120 = 0x1p120f;
 
-// With scale: v (bf16x2 of e4m3 values * 2^-120) times the scales of its low / high value. `fast`:
-// f2 = bf16x2 (2^120 s_lo, 2^120 s_hi), exact; else the float32 path.
-__device__ __forceinline__ uint32_t scale_word(uint32_t v, uint32_t f2, float s_lo, float s_hi,
-                                               bool fast) {
-  if (fast) return fp8_detail::bf16x2_mul(v, f2);
-  const uint32_t e = fp8_detail::bf16x2_mul(v, fp8_detail::kPow2_120x2);
-  __nv_bfloat162 r = __floats2bfloat162_rn(__uint_as_float(e << 16) * s_lo,
-                                           __uint_as_float(e & 0xFFFF0000u) * s_hi);
-  return *reinterpret_cast<uint32_t*>(&r);
-}
-// 2^120 * s as a bf16 (low 16 bits; 0 for s = 0) and whether that is exact.
-struct Factor {
-  uint32_t bits;
-  float s;
-  bool exact;
-};
-__device__ __forceinline__ Factor factor_of(float s) {
-  const uint32_t fb = __float_as_uint(s * kPow2_120);
-  return {fb >> 16, s, (fb & 0xFFFFu) == 0u && (fb & 0x7F800000u) != 0x7F800000u};
-}
-
-// AND of `pred` over the `n` threads of named barrier `id` (a barrier too).
-__device__ __forceinline__ bool bar_and(int id, int n, bool pred) {
-  uint32_t r;
-  asm volatile(
-      "{\n.reg .pred p, q;\nsetp.ne.b32 p, %1, 0;\nbarrier.cta.red.and.pred q, %2, %3, p;\n"
-      "selp.u32 %0, 1, 0, q;\n}\n"
-      : "=r"(r) : "r"((int)pred), "r"(id), "r"(n) : "memory");
-  return r != 0u;
+// With scale: the power of two S_b kept per block is stored as its float bits; 2^-126 .. 2^126
+// keeps 1 / S_b a normal float.
+constexpr uint32_t kMinScaleBits = 0x00800000u, kMaxScaleBits = 0x7E800000u;
+__device__ __forceinline__ float inverse_pow2(uint32_t bits) {
+  return __uint_as_float((254u << 23) - bits);
 }
 
 // Column c (0 .. N/4 - 1) of this thread's accumulator columns 8j + 2(lane % 4) + e: c = 2j + e.
@@ -149,7 +132,7 @@ __host__ __device__ constexpr int half_of(int i) { return (i >> 1) & 1; }
 
 // Q's N rows of (request, kv head) into the B operand of QK^T with the channel permutation above:
 // logical channel 16s + 8hi + 2qq + e of a block holds physical channel 16qq + 4s + 2hi + e.
-// Rows past q_rows are zeros. Per tensor, Q is stored times 2^60 (see kPow2_60x2).
+// Rows past q_rows are zeros. FP8: the e4m3 channels of Q are stored times 2^60 (see kPow2_60x2).
 template <typename T, KvFormat F, int N>
 __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint8_t* sq, int req, int kvh,
                                               int tid) {
@@ -163,7 +146,7 @@ __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint8_t* sq
           q + (((int64_t)req * p.s_q + tok) * p.h_q + h) * kHeadDimQK + blk * 64 + 16 * qq + 8 * u);
     }
     uint32_t words[4] = {v.x, v.y, v.z, v.w};
-    if constexpr (F == KvFormat::kFp8PerTensor) {
+    if (F == KvFormat::kFp8PerTensor || (F == KvFormat::kFp8WithScale && blk < 8)) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) words[j] = fp8_detail::bf16x2_mul(words[j], kPow2_60x2);
     }
@@ -180,10 +163,9 @@ __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint8_t* sq
 // ---- K rows (A of QK^T) -----------------------------------------------------------------------
 
 // 16 channels of key row r (16q.. of 64-channel block `blk`) as 8 bf16x2 words (word k = channels
-// 2k, 2k + 1 of the 16), dequantized for FP8; `sc`: with scale, the row's four scales.
-template <typename T, KvFormat F, bool kFast>
-__device__ __forceinline__ void load_k_row(uint32_t (&w)[8], uint32_t stage, int blk, int r, int q,
-                                           const Factor (&sc)[4]) {
+// 2k, 2k + 1 of the 16); FP8 as e4m3 value * 2^-120 (unscaled).
+template <typename T, KvFormat F>
+__device__ __forceinline__ void load_k_row(uint32_t (&w)[8], uint32_t stage, int blk, int r, int q) {
   auto native_tile = [&](uint32_t tile) {
     const uint32_t row = tile + r * 128;
     const uint4 a = lds128(row + (((2 * q) ^ (r & 7)) << 4));
@@ -203,12 +185,6 @@ __device__ __forceinline__ void load_k_row(uint32_t (&w)[8], uint32_t stage, int
   } else if (blk < 8) {
     const uint32_t raw = stage + (blk >> 1) * kTileBytes + r * 128;
     fp8_chunk(raw + (((4 * (blk & 1) + q) ^ (r & 7)) << 4));
-    if constexpr (F == KvFormat::kFp8WithScale) {
-      const Factor& f = sc[blk >> 1];
-      const uint32_t f2 = f.bits | (f.bits << 16);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) w[k] = scale_word(w[k], f2, f.s, f.s, kFast);
-    }
   } else if constexpr (F == KvFormat::kFp8WithScale) {
     native_tile(stage + Stage<F>::kRope);
   } else {
@@ -216,19 +192,28 @@ __device__ __forceinline__ void load_k_row(uint32_t (&w)[8], uint32_t stage, int
   }
 }
 
-// S^T = K Q^T over the page in `stage`, waited for.
-template <typename T, KvFormat F, int N, bool kFast>
-__device__ __forceinline__ void qk_narrow(float (&s)[N / 2], uint32_t stage, uint32_t sq, int r0,
-                                          int q, const Factor (&sc0)[4],
-                                          const Factor (&sc1)[4]) {
+// S^T = K Q^T over the page in `stage`, waited for. With scale, `s` gets the RoPE part and sb[b]
+// the (unscaled, times 2^-60) part of NoPE block b; otherwise `s` gets everything.
+template <typename T, KvFormat F, int N>
+__device__ __forceinline__ void qk_narrow(float (&s)[N / 2], float (&sb)[4][N / 2], uint32_t stage,
+                                          uint32_t sq, int r0, int q) {
+  constexpr bool kBlockSums = F == KvFormat::kFp8WithScale;
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) s[i] = 0.f;
   fence_regs(s);
+  if constexpr (kBlockSums) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      for (int i = 0; i < N / 2; ++i) sb[b][i] = 0.f;
+      fence_regs(sb[b]);
+    }
+  }
 #pragma unroll
   for (int blk = 0; blk < kKBlocks; ++blk) {
+    float(&acc)[N / 2] = kBlockSums && blk < 8 ? sb[blk >> 1] : s;
     uint32_t w0[8], w1[8];
-    load_k_row<T, F, kFast>(w0, stage, blk, r0, q, sc0);
-    load_k_row<T, F, kFast>(w1, stage, blk, r0 + 8, q, sc1);
+    load_k_row<T, F>(w0, stage, blk, r0, q);
+    load_k_row<T, F>(w1, stage, blk, r0 + 8, q);
     uint32_t a[4][4];
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
@@ -242,12 +227,16 @@ __device__ __forceinline__ void qk_narrow(float (&s)[N / 2], uint32_t stage, uin
     wgmma_fence();
 #pragma unroll
     for (int st = 0; st < 4; ++st) {
-      wgmma_rs_narrow<T, N>(s, a[st], smem_desc(sq + blk * N * 128 + st * 32, 16, 1024));
+      wgmma_rs_narrow<T, N>(acc, a[st], smem_desc(sq + blk * N * 128 + st * 32, 16, 1024));
     }
     wgmma_commit();
   }
   wgmma_wait<0>();
   fence_regs(s);
+  if constexpr (kBlockSums) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) fence_regs(sb[b]);
+  }
 }
 
 // ---- V^T (A of PV) ----------------------------------------------------------------------------
@@ -262,37 +251,68 @@ __host__ __device__ constexpr uint32_t pair_sel(int b) {
   return (uint32_t)(b | ((b | 8) << 4) | ((4 + b) << 8) | ((12 + b) << 12));
 }
 
-// One PV commit group: M-tiles 4h..4h+3 of O^T += their A fragments times P^T's k-step `desc`,
-// once the group before last has retired (its A registers are then free).
+// One PV commit group: M-tiles 4h..4h+3 of O^T += their A fragments times a k-step of P^T (M-tiles
+// 4h, 4h+1: `desc_lo`; 4h+2, 4h+3: `desc_hi`), once the group before last has retired (its A
+// registers are then free).
 template <typename T, int N>
 __device__ __forceinline__ void pv_group(float (&o)[8][N / 2], int h, uint32_t (&a)[4][4],
-                                         uint64_t desc) {
+                                         uint64_t desc_lo, uint64_t desc_hi) {
   fence_a(a);
   wgmma_wait<1>();
   wgmma_fence();
 #pragma unroll
-  for (int m = 0; m < 4; ++m) wgmma_rs_narrow<T, N>(o[4 * h + m], a[m], desc);
+  for (int m = 0; m < 4; ++m) wgmma_rs_narrow<T, N>(o[4 * h + m], a[m], m < 2 ? desc_lo : desc_hi);
   wgmma_commit();
+}
+
+// bf16/fp16 and per tensor: the key of A's k = 2q + e (hi = 0) or 2q + 8 + e (hi = 1) in key step
+// ks (P^T is stored with this permutation).
+__device__ __forceinline__ int key_of(int ks, int q, int hi, int e) {
+  return 16 * ks + q + 4 * e + 8 * hi;
 }
 
 // O^T += V^T P^T over the page in `stage`: 8 groups (key step ks, M-tiles 4h..4h+3), waited for.
 // (Leaving PV in flight under the next page's QK^T makes ptxas serialize every wgmma of the
 // kernel: C7514/C7515, accumulators touched inside the pipeline stage.) Keys >= valid contribute
-// zeros.
-template <typename T, KvFormat F, int N, bool kFast>
+// zeros (bf16/fp16: zeroed V; FP8: their P^T is 0 and e4m3 decodes to finite values only).
+template <typename T, KvFormat F, int N>
 __device__ __forceinline__ void pv_narrow(float (&o)[8][N / 2], uint32_t stage, uint32_t spt,
                                           int w, int g, int q, int valid) {
 #pragma unroll
   for (int mt = 0; mt < 8; ++mt) fence_regs(o[mt]);  // the softmax's rescaling happens before
 #pragma unroll
   for (int ks = 0; ks < kPageSize / 16; ++ks) {
-    // Keys of A's k = 2q, 2q+1 (hi = 0) and 2q+8, 2q+9 (hi = 1): key[hi][e] = 16ks + q + 4e + 8hi.
-    int key[2][2];
-#pragma unroll
-    for (int hi = 0; hi < 2; ++hi)
-      for (int e = 0; e < 2; ++e) key[hi][e] = 16 * ks + q + 4 * e + 8 * hi;
     const uint64_t desc = smem_desc(spt + ks * 32, 16, 1024);
-    if constexpr (F == KvFormat::kNative) {
+    if constexpr (F == KvFormat::kFp8WithScale) {
+      // Channel map: M-tile mt row 16w + g (+8) is channel 128(mt / 2) + 4(8w + g) + 2(mt % 2)
+      // (+1), so M-tiles 2B, 2B + 1 hold block B and take block B's P^T. Keys of A's k = 2q, 2q+1
+      // (hi = 0) and 2q+8, 2q+9 (hi = 1): 16ks + 2q + e + 8hi (P^T in natural key order). Each key
+      // gives 4 bytes per block; a warp's 32 loads hit 32 distinct banks.
+      uint32_t raw[4][2][2];  // [block][hi][e]
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi)
+        for (int e = 0; e < 2; ++e) {
+          const int t = 16 * ks + 2 * q + e + 8 * hi;
+          const uint32_t row = stage + t * 128 + ((((2 * w + (g >> 2)) ^ (t & 7))) << 4) + 4 * (g & 3);
+#pragma unroll
+          for (int blk = 0; blk < 4; ++blk) raw[blk][hi][e] = lds32(row + blk * kTileBytes);
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t a[4][4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const int blk = 2 * h + m / 2, j = m & 1;
+#pragma unroll
+          for (int hi = 0; hi < 2; ++hi) {
+            a[m][2 * hi] = e4m3_pair(raw[blk][hi][0], raw[blk][hi][1], pair_sel(2 * j));
+            a[m][2 * hi + 1] = e4m3_pair(raw[blk][hi][0], raw[blk][hi][1], pair_sel(2 * j + 1));
+          }
+        }
+        pv_group<T, N>(o, h, a, smem_desc(spt + 2 * h * N * 128 + ks * 32, 16, 1024),
+                       smem_desc(spt + (2 * h + 1) * N * 128 + ks * 32, 16, 1024));
+      }
+    } else if constexpr (F == KvFormat::kNative) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         // Channels 16(8w + g) + 8h .. + 7 of each key: one 16-byte chunk.
@@ -300,7 +320,7 @@ __device__ __forceinline__ void pv_narrow(float (&o)[8][N / 2], uint32_t stage, 
 #pragma unroll
         for (int hi = 0; hi < 2; ++hi)
           for (int e = 0; e < 2; ++e) {
-            const int t = key[hi][e];
+            const int t = key_of(ks, q, hi, e);
             const uint4 v = lds128(stage + (2 * w + (g >> 2)) * kTileBytes + t * 128 +
                                    (((2 * (g & 3) + h) ^ (t & 7)) << 4));
             const bool ok = t < valid;
@@ -317,25 +337,20 @@ __device__ __forceinline__ void pv_narrow(float (&o)[8][N / 2], uint32_t stage, 
           a[m][2] = prmt2(u[1][0][m], u[1][1][m], 0x5410);
           a[m][3] = prmt2(u[1][0][m], u[1][1][m], 0x7632);
         }
-        pv_group<T, N>(o, h, a, desc);
+        pv_group<T, N>(o, h, a, desc, desc);
       }
     } else {
       // Channels 16(8w + g).. of each key: chunk g of raw block w, 16 e4m3 bytes.
       uint32_t b[2][2][4];
-      Factor f[2][2];
 #pragma unroll
       for (int hi = 0; hi < 2; ++hi)
         for (int e = 0; e < 2; ++e) {
-          const int t = key[hi][e];
+          const int t = key_of(ks, q, hi, e);
           const uint4 v = lds128(stage + w * kTileBytes + t * 128 + ((g ^ (t & 7)) << 4));
           b[hi][e][0] = v.x;
           b[hi][e][1] = v.y;
           b[hi][e][2] = v.z;
           b[hi][e][3] = v.w;
-          if constexpr (F == KvFormat::kFp8WithScale) {
-            const float sc = __uint_as_float(lds32(stage + Stage<F>::kScales + t * 16 + w * 4));
-            f[hi][e] = factor_of(t < valid ? sc : 0.f);
-          }
         }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -345,18 +360,11 @@ __device__ __forceinline__ void pv_narrow(float (&o)[8][N / 2], uint32_t stage, 
           const int mt = 4 * h + m, word = mt >> 1, byte = 2 * (mt & 1);
 #pragma unroll
           for (int hi = 0; hi < 2; ++hi) {
-            uint32_t lo = e4m3_pair(b[hi][0][word], b[hi][1][word], pair_sel(byte));
-            uint32_t up = e4m3_pair(b[hi][0][word], b[hi][1][word], pair_sel(byte + 1));
-            if constexpr (F == KvFormat::kFp8WithScale) {
-              const uint32_t f2 = f[hi][0].bits | (f[hi][1].bits << 16);
-              lo = scale_word(lo, f2, f[hi][0].s, f[hi][1].s, kFast);
-              up = scale_word(up, f2, f[hi][0].s, f[hi][1].s, kFast);
-            }  // per tensor: P^T carries the 2^120
-            a[m][2 * hi] = lo;      // row 16w + g (channel +0), keys of k = 2q.. / 2q+8..
-            a[m][2 * hi + 1] = up;  // row + 8 (channel +1)
+            a[m][2 * hi] = e4m3_pair(b[hi][0][word], b[hi][1][word], pair_sel(byte));  // row g
+            a[m][2 * hi + 1] = e4m3_pair(b[hi][0][word], b[hi][1][word], pair_sel(byte + 1));
           }
         }
-        pv_group<T, N>(o, h, a, desc);
+        pv_group<T, N>(o, h, a, desc, desc);  // P^T carries the 2^120
       }
     }
   }
@@ -436,14 +444,15 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
 
   const int w = warp, g = lane / 4, q = lane % 4;
   const int r0 = 16 * w + g;  // this thread's key rows in S^T: r0, r0 + 8
+  constexpr bool kScaled = F == KvFormat::kFp8WithScale;
   const float out_scale = F == KvFormat::kFp8PerTensor ? *kv_scale : 1.f;
   // Per tensor, S^T comes out times 2^-60 (Q * 2^60, K * 2^-120).
   const float scale_log2 =
       p.scale_log2 * out_scale * (F == KvFormat::kFp8PerTensor ? kPow2_60 : 1.f);
-  // ... and P^T goes in times 2^120, which V's 2^-120 cancels.
+  // ... and P^T goes in times 2^120, which V's 2^-120 cancels (with scale: times scale / S_b too).
   constexpr float kPScale = F == KvFormat::kFp8PerTensor ? kPow2_120 : 1.f;
-  const uint32_t sq = smem_addr(sm.q), spt = smem_addr(sm.pt);
-  T* const pt = reinterpret_cast<T*>(sm.pt);
+  const uint32_t sq = smem_addr(sm.q), spt = smem_addr(sm.pt[0]);
+  T* const pt = reinterpret_cast<T*>(sm.pt[0]);
   uint32_t it = 0;  // pages consumed so far (ring position)
 
   for (int req = begin_req; req <= end_req; ++req) {
@@ -465,6 +474,9 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
       l[c] = 0.f;
       border[c] = pc.seqlen - (p.causal && n < p.q_rows ? p.s_q - 1 - n / p.ng : 0);
     }
+    uint32_t block_pow2[4];  // with scale: S_b's float bits (O^T of block b is kept divided by S_b)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) block_pow2[b] = kMinScaleBits;
 
 #pragma unroll 1
     for (int b = pc.start; b < pc.end; ++b, ++it) {
@@ -473,28 +485,22 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
       mbar_wait(smem_addr(&sm.full[st]), (it / kCount) & 1);
       const int valid = valid_rows(pc.seqlen, b);
 
-      Factor sc0[4], sc1[4];
-      bool fast = true;  // with scale: every scale of the page is a power of two (or 0)
+      float s[N / 2], sb[4][N / 2];
+      qk_narrow<T, F, N>(s, sb, stage, sq, r0, q);
+      float key_scale[2][4];  // with scale: the scales of key rows r0, r0 + 8 (0 past `valid`)
+      if constexpr (kScaled) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) sc0[j] = sc1[j] = Factor{0u, 1.f, true};
-      if constexpr (F == KvFormat::kFp8WithScale) {
-        // The warpgroup's 2 x 64 rows cover the page: one vote decides for all its conversions.
-        const uint4 a = lds128(stage + Stage<F>::kScales + r0 * 16);
-        const uint4 c = lds128(stage + Stage<F>::kScales + (r0 + 8) * 16);
-        const uint32_t va[4] = {a.x, a.y, a.z, a.w}, vc[4] = {c.x, c.y, c.z, c.w};
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = r0 + 8 * hf;
+          const uint4 v = lds128(stage + Stage<F>::kScales + r * 16);
+          const uint32_t bits[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          sc0[j] = factor_of(__uint_as_float(va[j]));
-          sc1[j] = factor_of(__uint_as_float(vc[j]));
-          fast = fast && sc0[j].exact && sc1[j].exact;
+          for (int j = 0; j < 4; ++j) key_scale[hf][j] = r < valid ? __uint_as_float(bits[j]) : 0.f;
         }
-        fast = bar_and(kBarVote, kConsumerThreads, fast);
-      }
-      float s[N / 2];
-      if (fast) {
-        qk_narrow<T, F, N, true>(s, stage, sq, r0, q, sc0, sc1);
-      } else {
-        qk_narrow<T, F, N, false>(s, stage, sq, r0, q, sc0, sc1);
+        // S^T = RoPE part + sum over blocks of (block sum * 2^60) * the key's scale.
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i)
+          for (int j = 0; j < 4; ++j) s[i] = fmaf(sb[j][i] * kPow2_60, key_scale[half_of(i)][j], s[i]);
       }
 
       // ---- softmax over columns ----
@@ -515,6 +521,15 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
         mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 16));
         if (g == 0) sm.red_max[rb][w][acc_col(c)] = mx[c];
       }
+      if constexpr (kScaled) {  // the page's largest |scale| per block (non-negative floats: as bits)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t mb = __reduce_max_sync(
+              0xffffffffu, max(__float_as_uint(key_scale[0][j]), __float_as_uint(key_scale[1][j])) &
+                               0x7FFFFFFFu);
+          if (lane == 0) sm.red_scale[rb][w][j] = mb;
+        }
+      }
       bar_sync(kBarConsumers, kConsumerThreads);
       float alpha[kCols], psum[kCols];
 #pragma unroll
@@ -527,29 +542,51 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
         m[c] = new_m;
         psum[c] = 0.f;
       }
+      float block_alpha[4] = {1.f, 1.f, 1.f, 1.f};  // with scale: S_b(old) / S_b(new)
+      float key_factor[2][4];                        // with scale: 2^120 * scale / S_b
+      if constexpr (kScaled) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t mb = max(max(sm.red_scale[rb][0][j], sm.red_scale[rb][1][j]),
+                                  max(sm.red_scale[rb][2][j], sm.red_scale[rb][3][j]));
+          // S_b: the largest power of two <= the page's largest scale, or the old S_b if larger,
+          // so that scale / S_b < 2 (clamped to 2^-126 .. 2^126).
+          const uint32_t page_pow2 = min(max(mb & 0x7F800000u, kMinScaleBits), kMaxScaleBits);
+          const uint32_t pow2 = max(block_pow2[j], page_pow2);
+          const float inv = inverse_pow2(pow2);
+          block_alpha[j] = __uint_as_float(block_pow2[j]) * inv;
+          block_pow2[j] = pow2;
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) key_factor[hf][j] = key_scale[hf][j] * inv * kPow2_120;
+        }
+      }
 #pragma unroll
       for (int i = 0; i < N / 2; ++i) {
         const int c = slot_of(i);
         const float pv = fast_exp2(fmaf(s[i], scale_log2, -m[c]));
         psum[c] += pv;
-        // P^T row n = column, logical key k: key row r0 + 8 half = 16w + (g + 8 half) holds
-        // key q' + 4e + 8hi of step w with q' = g % 4, e = g / 4, hi = half -> k = 2q' + e + 8hi.
-        const int n = acc_col(c), k = 16 * w + 2 * (g & 3) + (g >> 2) + 8 * half_of(i);
-        pt[n * 64 + ((((k >> 3) ^ (n & 7))) << 3) + (k & 7)] = T(pv * kPScale);
+        const int n = acc_col(c);
+        if constexpr (kScaled) {
+          // Natural key order: S^T row r0 + 8 half is key k of the page.
+          const int k = r0 + 8 * half_of(i), idx = n * 64 + ((((k >> 3) ^ (n & 7))) << 3) + (k & 7);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) pt[j * N * 64 + idx] = T(pv * key_factor[half_of(i)][j]);
+        } else {
+          // P^T row n = column, logical key k: key row r0 + 8 half = 16w + (g + 8 half) holds
+          // key q' + 4e + 8hi of step w with q' = g % 4, e = g / 4, hi = half -> k = 2q' + e + 8hi.
+          const int k = 16 * w + 2 * (g & 3) + (g >> 2) + 8 * half_of(i);
+          pt[n * 64 + ((((k >> 3) ^ (n & 7))) << 3) + (k & 7)] = T(pv * kPScale);
+        }
       }
 #pragma unroll
       for (int c = 0; c < kCols; ++c) l[c] = l[c] * alpha[c] + psum[c];
 #pragma unroll
       for (int mt = 0; mt < 8; ++mt)
-        for (int i = 0; i < N / 2; ++i) o[mt][i] *= alpha[slot_of(i)];
+        for (int i = 0; i < N / 2; ++i) o[mt][i] *= alpha[slot_of(i)] * block_alpha[mt / 2];
       fence_proxy_async();  // P^T feeds wgmma
       bar_sync(kBarConsumers, kConsumerThreads);
 
-      if (fast) {
-        pv_narrow<T, F, N, true>(o, stage, spt, w, g, q, valid);
-      } else {
-        pv_narrow<T, F, N, false>(o, stage, spt, w, g, q, valid);
-      }
+      pv_narrow<T, F, N>(o, stage, spt, w, g, q, valid);
       mbar_arrive(smem_addr(&sm.empty[st]));  // this thread's reads of the stage are done
     }
     // ---- epilogue: column sums, then each thread writes its 16 channels of its columns ----
@@ -561,7 +598,15 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
       if (g == 0) sm.red_sum[w][acc_col(c)] = l[c];
     }
     bar_sync(kBarConsumers, kConsumerThreads);
-    const int ch0 = 16 * (8 * w + g);
+    // The thread's channels come in 4 runs of 4: run r holds M-tiles 2r, 2r + 1 (rows g, g + 8)
+    // and starts at channel 16(8w + g) + 4r, or with scale at 128r + 4(8w + g) (block r).
+    int run_start[4];
+    float run_scale[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      run_start[r] = kScaled ? 128 * r + 4 * (8 * w + g) : 16 * (8 * w + g) + 4 * r;
+      run_scale[r] = kScaled ? __uint_as_float(block_pow2[r]) : 1.f;
+    }
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int n = acc_col(c);
@@ -569,29 +614,30 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
       const float L = sm.red_sum[0][n] + sm.red_sum[1][n] + sm.red_sum[2][n] + sm.red_sum[3][n];
       const bool empty = !(L > 0.f);
       const float inv = empty ? 0.f : out_scale / L;
-      float v[16];
+      float v[16];  // run r: v[4r .. 4r + 3]
 #pragma unroll
       for (int mt = 0; mt < 8; ++mt)
-        for (int hf = 0; hf < 2; ++hf) v[2 * mt + hf] = o[mt][4 * (c >> 1) + 2 * hf + (c & 1)] * inv;
+        for (int hf = 0; hf < 2; ++hf)
+          v[2 * mt + hf] = o[mt][4 * (c >> 1) + 2 * hf + (c & 1)] * (inv * run_scale[mt / 2]);
       const int tok = n / p.ng, h = kvh * p.ng + n % p.ng;
       const bool lse_writer = w == 0 && g == 0;
       if (!pc.is_split) {
-        uint32_t packed[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) packed[k] = MmaOp<T>::pack(v[2 * k], v[2 * k + 1]);
         T* row = static_cast<T*>(p.out) + (((int64_t)req * p.s_q + tok) * p.h_q + h) * kHeadDimV;
-        *reinterpret_cast<uint4*>(row + ch0) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-        *reinterpret_cast<uint4*>(row + ch0 + 8) =
-            make_uint4(packed[4], packed[5], packed[6], packed[7]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          *reinterpret_cast<uint2*>(row + run_start[r]) =
+              make_uint2(MmaOp<T>::pack(v[4 * r], v[4 * r + 1]),
+                         MmaOp<T>::pack(v[4 * r + 2], v[4 * r + 3]));
         if (lse_writer)
           p.lse[((int64_t)req * p.h_q + h) * p.s_q + tok] =
               empty ? INFINITY : (log2f(L) + m[c]) * kLn2;
       } else if (pc.slot >= 0 && pc.slot < p.b + p.num_parts) {  // bad metadata: never write OOB
         const int64_t row_idx = ((int64_t)pc.slot * p.h_kv + kvh) * p.q_rows + n;
-        float4* acc = reinterpret_cast<float4*>(p.o_accum + row_idx * kHeadDimV + ch0);
+        float* acc = p.o_accum + row_idx * kHeadDimV;
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-          acc[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+        for (int r = 0; r < 4; ++r)
+          *reinterpret_cast<float4*>(acc + run_start[r]) =
+              make_float4(v[4 * r], v[4 * r + 1], v[4 * r + 2], v[4 * r + 3]);
         if (lse_writer) p.lse_accum[row_idx] = empty ? -INFINITY : log2f(L) + m[c];
       }
     }
@@ -611,9 +657,13 @@ cudaError_t launch_n(const DecodeParams& p, const CUtensorMap& map, const CUtens
 template <typename T, KvFormat F>
 cudaError_t launch_rows(const DecodeParams& p, const CUtensorMap& map, const CUtensorMap& aux,
                         const float* kv_scale, cudaStream_t stream) {
-  if (p.q_rows > kNarrowMaxRows) return cudaErrorInvalidValue;
-  return p.q_rows <= 16 ? launch_n<T, F, 16>(p, map, aux, kv_scale, stream)
-                        : launch_n<T, F, 32>(p, map, aux, kv_scale, stream);
+  if (p.q_rows > kNarrowMaxRowsOf<F>) return cudaErrorInvalidValue;
+  if constexpr (kNarrowMaxRowsOf<F> == 16) {
+    return launch_n<T, F, 16>(p, map, aux, kv_scale, stream);
+  } else {
+    return p.q_rows <= 16 ? launch_n<T, F, 16>(p, map, aux, kv_scale, stream)
+                          : launch_n<T, F, 32>(p, map, aux, kv_scale, stream);
+  }
 }
 
 template <typename T, KvFormat F>
@@ -621,13 +671,17 @@ cudaError_t set_smem() {
   cudaError_t err = cudaFuncSetAttribute(narrow_kernel<T, F, 16>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kNarrowSmemBytes<F, 16>);
-  if (err != cudaSuccess) return err;
-  return cudaFuncSetAttribute(narrow_kernel<T, F, 32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              kNarrowSmemBytes<F, 32>);
+  if constexpr (kNarrowMaxRowsOf<F> == 16) {
+    return err;
+  } else {
+    if (err != cudaSuccess) return err;
+    return cudaFuncSetAttribute(narrow_kernel<T, F, 32>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, kNarrowSmemBytes<F, 32>);
+  }
 }
 
 static_assert(kNarrowSmemBytes<KvFormat::kNative, 32> <= 232448, "narrow: too much shared memory");
-static_assert(kNarrowSmemBytes<KvFormat::kFp8WithScale, 32> <= 232448,
+static_assert(kNarrowSmemBytes<KvFormat::kFp8WithScale, 16> <= 232448,
               "narrow: too much shared memory");
 static_assert(kNarrowSmemBytes<KvFormat::kFp8PerTensor, 32> <= 232448,
               "narrow: too much shared memory");

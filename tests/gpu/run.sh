@@ -138,15 +138,18 @@ if want bench-variants; then  # the grid's corners under each back end (BENCH_KE
   done
 fi
 
-if want ncu; then  # one decode launch of a compute-bound case under Nsight Compute
+if want ncu; then  # one decode launch per KV layout (NCU_KVS) under Nsight Compute
   case=${NCU_CASE:-"b=128,s_q=2,h_q=128,s_k=4096"}
-  timeout 300 ncu --target-processes all -k regex:${NCU_KERNEL:-pipelined} --launch-skip 2 --launch-count 1 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
-    python3 -m jax_flashmla.bench --no-naive --reps 1 --target-ms 1 --cases "$case" \
-    > "$OUT/ncu.log" 2>&1
-  note "ncu: rc=$?"
-  grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|Shared|Tensor|Stall|Issued|Eligible|Warp Cycles|L2 Hit|L1/TEX Hit|Registers" "$OUT/ncu.log" | head -60
+  for kv in ${NCU_KVS:-bf16}; do
+    timeout 300 ncu --target-processes all --kernel-name-base "${NCU_NAME_BASE:-function}" -k "regex:${NCU_KERNEL:-pipelined}" --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
+      --section InstructionStats \
+      python3 -m jax_flashmla.bench --no-naive --kv "$kv" --reps 1 --target-ms 1 --cases "$case" \
+      > "$OUT/ncu_$kv.log" 2>&1
+    note "ncu ($kv): rc=$?"
+    grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Shared|Tensor|Stall|Issued|Eligible|Warp Cycles|L2 Hit|L1/TEX Hit|Registers|Executed Ipc|Local" "$OUT/ncu_$kv.log" | head -40
+  done
 fi
 
 if want wgmma-rate; then  # wgmma shapes of the decode kernel in isolation (cycles per instruction)

@@ -218,11 +218,11 @@ def test_fp8_long_split_request():
 
 
 # --------------------------------------------------------------------------------------------
-# Dequantization is exact: every non-NaN e4m3 code, scales on the fast and slow paths
+# Dequantization is exact: every non-NaN e4m3 code, power-of-two scales across the range
 # --------------------------------------------------------------------------------------------
 _CODES = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)  # 254 codes
-#: Power-of-two scales (exact) across the range, 2^8 and up (2^120 * s overflows float32: the
-#: float32 path), and non-power-of-two ones (one rounding to bf16, on both paths).
+#: Power-of-two scales (DeepSeek V3.2's; exact) from 2^-20 to 2^10, and non-power-of-two ones,
+#: which the narrow kernel folds into P (bf16) instead of V: within a few bf16 roundings there.
 _SCALES = np.array([1.0, 2.0 ** -13, 2.0 ** -6, 2.0 ** 7, 2.0 ** 10, 0.3, 1.5, 2.0 ** -20,
                     3e-5, 2.0 ** 9, 1 / 3, 448.0, 0.5, 8.0, 0.1, 7.0], np.float32)
 _EXACT_PAGES = 16
@@ -233,8 +233,10 @@ def _exact_cache(layout, seed):
     rng = np.random.default_rng(seed)
     p = np.arange(_EXACT_PAGES)[:, None]
     codes = _CODES[(p * 576 + np.arange(576)[None, :]) % _CODES.size]          # [pages, 576]
+    exact = np.ones((_EXACT_PAGES, 512), bool)  # channels whose scale is a power of two
     if layout == "fp8_with_scale":
         scales = _SCALES[(4 * p + np.arange(4)[None, :]) % _SCALES.size]        # [pages, 4]
+        exact = np.repeat(np.frexp(scales)[0] == 0.5, 128, axis=1)
         rope = (rng.standard_normal((_EXACT_PAGES, 64)) / 10).astype(ml_dtypes.bfloat16)
         token = np.concatenate([codes[:, :512], scales.view(np.uint8), rope.view(np.uint8)], -1)
         deq = codes[:, :512].view(ml_dtypes.float8_e4m3fn).astype(np.float32).reshape(
@@ -245,14 +247,15 @@ def _exact_cache(layout, seed):
     cache = np.broadcast_to(token[:, None, None, :], (_EXACT_PAGES, PAGE_SIZE, 1,
                                                       token.shape[-1])).copy()
     want_v = deq.reshape(_EXACT_PAGES, 512).astype(ml_dtypes.bfloat16)
-    return cache, want_v
+    return cache, want_v, exact
 
 
 @pytest.mark.parametrize("layout", ["fp8_with_scale", "fp8_per_tensor"])
 def test_fp8_dequantization_is_exact(layout):
     """With one key, or 64 identical keys, softmax weights are exactly 1 (or 1/64) and out is the
-    dequantized V row itself: bit-exact against NumPy/ml_dtypes for every code and scale."""
-    cache_np, want_v = _exact_cache(layout, 7)
+    dequantized V row itself: bit-exact against NumPy/ml_dtypes for every code and every
+    power-of-two scale (per tensor: any scale); other scales within 2^-7 relative."""
+    cache_np, want_v, exact = _exact_cache(layout, 7)
     # Requests 0..15 read one token of page i, 16..31 all 64 (identical) tokens of page i - 16.
     b = 2 * _EXACT_PAGES
     pages = np.arange(b) % _EXACT_PAGES
@@ -264,8 +267,13 @@ def test_fp8_dequantization_is_exact(layout):
     kv_scale = jnp.float32(KV_SCALE)
     out, lse = decode_fp8(q, cache, jnp.asarray(bt), jnp.asarray(sl), kv_scale, False, layout)
     got = np.asarray(out)                                                  # [b, 1, 16, 512]
-    want = np.broadcast_to(want_v[pages][:, None, None, :], got.shape)
-    bad = got.astype(np.float32) != want.astype(np.float32)   # exact; -0 == +0 (0 + -0 is +0)
+    want = np.broadcast_to(want_v[pages][:, None, None, :], got.shape).astype(np.float32)
+    exact = np.broadcast_to(exact[pages][:, None, None, :], got.shape)
+    got = got.astype(np.float32)
+    assert exact.mean() > 0.5, "most channels must be checked bit-exactly"
+    # exact: -0 == +0 (0 + -0 is +0); else P * scale, out and the expected value are each rounded
+    # to bf16 once.
+    bad = np.where(exact, got != want, np.abs(got - want) > 2.0 ** -7 * np.abs(want))
     assert not bad.any(), (f"{layout}: {int(bad.sum())} of {bad.size} values differ; first at "
                            f"{tuple(np.argwhere(bad)[0])}: got {got[bad][0]!r}, want "
                            f"{want[bad][0]!r}")
