@@ -46,9 +46,9 @@ namespace {
 
 using namespace decode_detail;
 
-constexpr int kConsumerThreads = 128;
-constexpr int kNarrowThreads = kConsumerThreads + 32;  // + the producer warp
-constexpr int kBarConsumers = 1;                      // named barrier of the consumer warpgroup
+constexpr int kConsumerThreads = 128;  // one consumer warpgroup
+constexpr int kBarGroup = 1;           // named barriers 1, 2: consumer warpgroup 0, 1
+constexpr int kBarConsumers = 3;       // named barrier of all consumer warpgroups
 constexpr int kKBlocks = kHeadDimQK / 64;             // 9 blocks of 64 channels
 constexpr int kTileBytes = kColBlockBytes;            // 8 KB: 64 keys x 128 bytes
 template <KvFormat F>
@@ -75,14 +75,31 @@ struct Stage<KvFormat::kFp8PerTensor> {
   static constexpr int kBytes = kRope + kPageSize * 64, kCount = 4;
 };
 
+// Consumer warpgroups: FP8 at 16 rows runs two, which take a request's pages in turn (each with
+// its own softmax state, merged at the request's end), so that one's dequantization and MMAs run
+// while the other waits on its softmax chain. (bf16's 72 KB pages leave no room for the third
+// stage two warpgroups would need; 32 rows leave no registers.)
+template <KvFormat F, int N>
+constexpr int kGroupsOf = F != KvFormat::kNative && N == 16 ? 2 : 1;
+// + the producer: one warp, or with two consumer warpgroups a warpgroup (setmaxnreg works per
+// warpgroup: it gives the consumers 232 registers and the producer 40).
+template <KvFormat F, int N>
+constexpr int kNarrowThreads = kGroupsOf<F, N> * kConsumerThreads + (kGroupsOf<F, N> > 1 ? 128 : 32);
+
 template <KvFormat F, int N>
 struct NarrowSmem {
+  static constexpr int kGroups = kGroupsOf<F, N>;
   uint8_t stage[Stage<F>::kCount][Stage<F>::kBytes];  // 1024-byte multiples: every tile aligned
-  uint8_t q[kKBlocks * N * 128];                       // B of QK^T: 9 blocks of N x 64, SW128
-  uint8_t pt[F == KvFormat::kFp8WithScale ? 4 : 1][N * 128];  // B of PV: P^T, N x 64 keys, SW128
-  float red_max[2][4][N];        // per-warp column maxima, double-buffered across pages
-  uint32_t red_scale[2][4][4];   // with scale: per-warp maxima of the blocks' |scale| bits
-  float red_sum[4][N];
+  // B of QK^T: 9 blocks of N x 64, SW128. With two warpgroups, also where the second hands the
+  // first half of its O^T to the first at a request's end; hand_hi takes the other half.
+  uint8_t q[kKBlocks * N * 128];
+  float hand_hi[kGroups > 1 ? 4 * (N / 2) * kConsumerThreads : 1];
+  uint8_t pt[kGroups][F == KvFormat::kFp8WithScale ? 4 : 1][N * 128];  // B of PV: P^T, SW128
+  float red_max[kGroups][2][4][N];       // per-warp column maxima, double-buffered across pages
+  uint32_t red_scale[kGroups][2][4][4];  // with scale: per-warp maxima of the blocks' |scale| bits
+  float red_sum[kGroups][4][N];
+  float merge_m[N];          // the second warpgroup's running maxima ...
+  uint32_t merge_pow2[4];    // ... and S_b (with scale), for the merge
   uint64_t full[Stage<F>::kCount];
   uint64_t empty[Stage<F>::kCount];
 };
@@ -135,9 +152,9 @@ __host__ __device__ constexpr int half_of(int i) { return (i >> 1) & 1; }
 // Rows past q_rows are zeros. FP8: the e4m3 channels of Q are stored times 2^60 (see kPow2_60x2).
 template <typename T, KvFormat F, int N>
 __device__ __forceinline__ void load_q_narrow(const DecodeParams& p, uint8_t* sq, int req, int kvh,
-                                              int tid) {
+                                              int tid, int threads) {
   const T* q = static_cast<const T*>(p.q);
-  for (int i = tid; i < N * kKBlocks * 8; i += kConsumerThreads) {
+  for (int i = tid; i < N * kKBlocks * 8; i += threads) {
     const int n = i / (kKBlocks * 8), blk = (i / 8) % kKBlocks, qq = (i / 2) % 4, u = i % 2;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (n < p.q_rows) {
@@ -413,10 +430,13 @@ __device__ __forceinline__ void produce(const DecodeParams& p, NarrowSmem<F, N>&
 
 // kv_scale: FP8 per tensor only (device scalar; logits and O are scaled by it, K is not).
 template <typename T, KvFormat F, int N>
-__global__ void __launch_bounds__(kNarrowThreads, 1)
+__global__ void __launch_bounds__(kNarrowThreads<F, N>, 1)
     narrow_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kmap,
                   const __grid_constant__ CUtensorMap aux_map, const float* kv_scale) {
-  constexpr int kCount = Stage<F>::kCount, kCols = N / 4;
+  constexpr int kCount = Stage<F>::kCount, kCols = N / 4, kGroups = kGroupsOf<F, N>;
+  constexpr int kConsumers = kGroups * kConsumerThreads;
+  static_assert(kGroups == 1 || 4 * (N / 2) * kConsumerThreads * 4 <= kKBlocks * N * 128,
+                "narrow: half of O^T must fit where Q lies");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t misalign = smem_addr(smem_raw) & (kSmemAlign - 1);
   NarrowSmem<F, N>& sm =
@@ -437,12 +457,16 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  if (warp == kConsumerThreads / 32) {
-    if (lane == 0) produce<F, N>(p, sm, &kmap, &aux_map, md, begin_req, end_req, kvh);
+  if (warp >= kConsumers / 32) {
+    if constexpr (kGroups > 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp == kConsumers / 32 && lane == 0)
+      produce<F, N>(p, sm, &kmap, &aux_map, md, begin_req, end_req, kvh);
     return;
   }
+  if constexpr (kGroups > 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
 
-  const int w = warp, g = lane / 4, q = lane % 4;
+  const int grp = kGroups > 1 ? warp / 4 : 0, w = warp % 4, g = lane / 4, q = lane % 4;
+  const int bar_group = kBarGroup + grp;
   const int r0 = 16 * w + g;  // this thread's key rows in S^T: r0, r0 + 8
   constexpr bool kScaled = F == KvFormat::kFp8WithScale;
   const float out_scale = F == KvFormat::kFp8PerTensor ? *kv_scale : 1.f;
@@ -451,15 +475,16 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
       p.scale_log2 * out_scale * (F == KvFormat::kFp8PerTensor ? kPow2_60 : 1.f);
   // ... and P^T goes in times 2^120, which V's 2^-120 cancels (with scale: times scale / S_b too).
   constexpr float kPScale = F == KvFormat::kFp8PerTensor ? kPow2_120 : 1.f;
-  const uint32_t sq = smem_addr(sm.q), spt = smem_addr(sm.pt[0]);
-  T* const pt = reinterpret_cast<T*>(sm.pt[0]);
-  uint32_t it = 0;  // pages consumed so far (ring position)
+  const uint32_t sq = smem_addr(sm.q), spt = smem_addr(sm.pt[grp][0]);
+  T* const pt = reinterpret_cast<T*>(sm.pt[grp][0]);
+  uint32_t it0 = 0;   // ring position of the request's first page (pages of earlier requests)
+  uint32_t done = 0;  // pages this warpgroup has consumed (double-buffers the reductions)
 
   for (int req = begin_req; req <= end_req; ++req) {
     const Piece pc = make_piece(p, md, req, begin_req, end_req, 0, 0, 0);
-    load_q_narrow<T, F, N>(p, sm.q, req, kvh, threadIdx.x);
+    load_q_narrow<T, F, N>(p, sm.q, req, kvh, threadIdx.x, kConsumers);
     fence_proxy_async();
-    bar_sync(kBarConsumers, kConsumerThreads);
+    bar_sync(kBarConsumers, kConsumers);
 
     float o[8][N / 2];
 #pragma unroll
@@ -478,8 +503,11 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
 #pragma unroll
     for (int b = 0; b < 4; ++b) block_pow2[b] = kMinScaleBits;
 
+    // Warpgroup grp takes the pages at ring positions grp, grp + kGroups, ...
+    const int first = pc.start + (int)((grp + kGroups - it0 % kGroups) % kGroups);
 #pragma unroll 1
-    for (int b = pc.start; b < pc.end; ++b, ++it) {
+    for (int b = first; b < pc.end; b += kGroups, ++done) {
+      const uint32_t it = it0 + (uint32_t)(b - pc.start);
       const int st = it % kCount;
       const uint32_t stage = smem_addr(sm.stage[st]);
       mbar_wait(smem_addr(&sm.full[st]), (it / kCount) & 1);
@@ -497,10 +525,16 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
 #pragma unroll
           for (int j = 0; j < 4; ++j) key_scale[hf][j] = r < valid ? __uint_as_float(bits[j]) : 0.f;
         }
-        // S^T = RoPE part + sum over blocks of (block sum * 2^60) * the key's scale.
+        // S^T = RoPE part + 2^60 * sum over blocks of block sum * the key's scale. (The 2^60 comes
+        // last: folded into the scales it would overflow for scales >= 2^68, and a sum too small
+        // for float32 here is one that 2^60 would not make count.)
 #pragma unroll
-        for (int i = 0; i < N / 2; ++i)
-          for (int j = 0; j < 4; ++j) s[i] = fmaf(sb[j][i] * kPow2_60, key_scale[half_of(i)][j], s[i]);
+        for (int i = 0; i < N / 2; ++i) {
+          const float(&ksc)[4] = key_scale[half_of(i)];
+          const float nope = fmaf(sb[3][i], ksc[3],
+                                  fmaf(sb[2][i], ksc[2], fmaf(sb[1][i], ksc[1], sb[0][i] * ksc[0])));
+          s[i] = fmaf(nope, kPow2_60, s[i]);
+        }
       }
 
       // ---- softmax over columns ----
@@ -513,13 +547,13 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
         s[i] = key < border[c] ? s[i] : -INFINITY;
         mx[c] = fmaxf(mx[c], s[i]);
       }
-      const int rb = it & 1;
+      const int rb = done & 1;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
         mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 4));
         mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 8));
         mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 16));
-        if (g == 0) sm.red_max[rb][w][acc_col(c)] = mx[c];
+        if (g == 0) sm.red_max[grp][rb][w][acc_col(c)] = mx[c];
       }
       if constexpr (kScaled) {  // the page's largest |scale| per block (non-negative floats: as bits)
 #pragma unroll
@@ -527,16 +561,16 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
           const uint32_t mb = __reduce_max_sync(
               0xffffffffu, max(__float_as_uint(key_scale[0][j]), __float_as_uint(key_scale[1][j])) &
                                0x7FFFFFFFu);
-          if (lane == 0) sm.red_scale[rb][w][j] = mb;
+          if (lane == 0) sm.red_scale[grp][rb][w][j] = mb;
         }
       }
-      bar_sync(kBarConsumers, kConsumerThreads);
+      bar_sync(bar_group, kConsumerThreads);
       float alpha[kCols], psum[kCols];
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
         const int n = acc_col(c);
-        const float cm = fmaxf(fmaxf(sm.red_max[rb][0][n], sm.red_max[rb][1][n]),
-                               fmaxf(sm.red_max[rb][2][n], sm.red_max[rb][3][n]));
+        const float(&rm)[4][N] = sm.red_max[grp][rb];
+        const float cm = fmaxf(fmaxf(rm[0][n], rm[1][n]), fmaxf(rm[2][n], rm[3][n]));
         const float new_m = fmaxf(m[c], cm * scale_log2);
         alpha[c] = fast_exp2(m[c] - new_m);
         m[c] = new_m;
@@ -547,8 +581,8 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
       if constexpr (kScaled) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const uint32_t mb = max(max(sm.red_scale[rb][0][j], sm.red_scale[rb][1][j]),
-                                  max(sm.red_scale[rb][2][j], sm.red_scale[rb][3][j]));
+          const uint32_t(&rs)[4][4] = sm.red_scale[grp][rb];
+          const uint32_t mb = max(max(rs[0][j], rs[1][j]), max(rs[2][j], rs[3][j]));
           // S_b: the largest power of two <= the page's largest scale, or the old S_b if larger,
           // so that scale / S_b < 2 (clamped to 2^-126 .. 2^126).
           const uint32_t page_pow2 = min(max(mb & 0x7F800000u, kMinScaleBits), kMaxScaleBits);
@@ -584,20 +618,85 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
       for (int mt = 0; mt < 8; ++mt)
         for (int i = 0; i < N / 2; ++i) o[mt][i] *= alpha[slot_of(i)] * block_alpha[mt / 2];
       fence_proxy_async();  // P^T feeds wgmma
-      bar_sync(kBarConsumers, kConsumerThreads);
+      bar_sync(bar_group, kConsumerThreads);
 
       pv_narrow<T, F, N>(o, stage, spt, w, g, q, valid);
       mbar_arrive(smem_addr(&sm.empty[st]));  // this thread's reads of the stage are done
     }
-    // ---- epilogue: column sums, then each thread writes its 16 channels of its columns ----
+    it0 += (uint32_t)max(pc.end - pc.start, 0);
+    // ---- epilogue: column sums (merged across warpgroups), then the first warpgroup writes ----
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       l[c] += __shfl_xor_sync(0xffffffffu, l[c], 4);
       l[c] += __shfl_xor_sync(0xffffffffu, l[c], 8);
       l[c] += __shfl_xor_sync(0xffffffffu, l[c], 16);
-      if (g == 0) sm.red_sum[w][acc_col(c)] = l[c];
+      if (g == 0) sm.red_sum[grp][w][acc_col(c)] = l[c];
     }
-    bar_sync(kBarConsumers, kConsumerThreads);
+    if (kGroups > 1 && grp == 1) {
+      if (w == 0 && g == 0) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) sm.merge_m[acc_col(c)] = m[c];
+      }
+      if (threadIdx.x == kConsumerThreads) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) sm.merge_pow2[j] = block_pow2[j];
+      }
+    }
+    bar_sync(kGroups > 1 ? kBarConsumers : bar_group, kConsumers);
+    float L[kCols];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const float(&rsum)[4][N] = sm.red_sum[grp];
+      const int n = acc_col(c);
+      L[c] = rsum[0][n] + rsum[1][n] + rsum[2][n] + rsum[3][n];
+    }
+    if constexpr (kGroups > 1) {
+      // The first warpgroup takes the second's state: m = max of both, each side's O^T, l times
+      // 2^(its m - m) (with scale also S_b(its) / S_b(merged)).
+      float keep[kCols], take[kCols], keep_blk[4] = {1.f, 1.f, 1.f, 1.f},
+                                     take_blk[4] = {1.f, 1.f, 1.f, 1.f};
+      if (grp == 0) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const float(&rsum)[4][N] = sm.red_sum[1];
+          const int n = acc_col(c);
+          const float m1 = sm.merge_m[n], l1 = rsum[0][n] + rsum[1][n] + rsum[2][n] + rsum[3][n];
+          const float mm = fmaxf(m[c], m1);
+          keep[c] = fast_exp2(m[c] - mm);
+          take[c] = fast_exp2(m1 - mm);
+          L[c] = L[c] * keep[c] + l1 * take[c];
+          m[c] = mm;
+        }
+        if constexpr (kScaled) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t other = sm.merge_pow2[j], pow2 = max(block_pow2[j], other);
+            const float inv = inverse_pow2(pow2);
+            keep_blk[j] = __uint_as_float(block_pow2[j]) * inv;
+            take_blk[j] = __uint_as_float(other) * inv;
+            block_pow2[j] = pow2;
+          }
+        }
+      }
+      // [4 M-tiles x N/2][128 threads] per half: M-tiles 0..3 where Q was, 4..7 in hand_hi.
+      float* const hand[2] = {reinterpret_cast<float*>(sm.q), sm.hand_hi};
+      const int ct = threadIdx.x % kConsumerThreads;
+      if (grp == 1) {
+#pragma unroll
+        for (int mt = 0; mt < 8; ++mt)
+          for (int i = 0; i < N / 2; ++i)
+            hand[mt / 4][((mt % 4) * (N / 2) + i) * kConsumerThreads + ct] = o[mt][i];
+      }
+      bar_sync(kBarConsumers, kConsumers);
+      if (grp == 0) {
+#pragma unroll
+        for (int mt = 0; mt < 8; ++mt)
+          for (int i = 0; i < N / 2; ++i)
+            o[mt][i] = o[mt][i] * (keep[slot_of(i)] * keep_blk[mt / 2]) +
+                       hand[mt / 4][((mt % 4) * (N / 2) + i) * kConsumerThreads + ct] *
+                           (take[slot_of(i)] * take_blk[mt / 2]);
+      }  // the request's last barrier orders these reads before the next request's writes
+    }
     // The thread's channels come in 4 runs of 4: run r holds M-tiles 2r, 2r + 1 (rows g, g + 8)
     // and starts at channel 16(8w + g) + 4r, or with scale at 128r + 4(8w + g) (block r).
     int run_start[4];
@@ -610,10 +709,9 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int n = acc_col(c);
-      if (n >= p.q_rows) continue;
-      const float L = sm.red_sum[0][n] + sm.red_sum[1][n] + sm.red_sum[2][n] + sm.red_sum[3][n];
-      const bool empty = !(L > 0.f);
-      const float inv = empty ? 0.f : out_scale / L;
+      if (grp != 0 || n >= p.q_rows) continue;
+      const bool empty = !(L[c] > 0.f);
+      const float inv = empty ? 0.f : out_scale / L[c];
       float v[16];  // run r: v[4r .. 4r + 3]
 #pragma unroll
       for (int mt = 0; mt < 8; ++mt)
@@ -630,7 +728,7 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
                          MmaOp<T>::pack(v[4 * r + 2], v[4 * r + 3]));
         if (lse_writer)
           p.lse[((int64_t)req * p.h_q + h) * p.s_q + tok] =
-              empty ? INFINITY : (log2f(L) + m[c]) * kLn2;
+              empty ? INFINITY : (log2f(L[c]) + m[c]) * kLn2;
       } else if (pc.slot >= 0 && pc.slot < p.b + p.num_parts) {  // bad metadata: never write OOB
         const int64_t row_idx = ((int64_t)pc.slot * p.h_kv + kvh) * p.q_rows + n;
         float* acc = p.o_accum + row_idx * kHeadDimV;
@@ -638,10 +736,10 @@ __global__ void __launch_bounds__(kNarrowThreads, 1)
         for (int r = 0; r < 4; ++r)
           *reinterpret_cast<float4*>(acc + run_start[r]) =
               make_float4(v[4 * r], v[4 * r + 1], v[4 * r + 2], v[4 * r + 3]);
-        if (lse_writer) p.lse_accum[row_idx] = empty ? -INFINITY : log2f(L) + m[c];
+        if (lse_writer) p.lse_accum[row_idx] = empty ? -INFINITY : log2f(L[c]) + m[c];
       }
     }
-    bar_sync(kBarConsumers, kConsumerThreads);  // red_sum and Q are reused by the next request
+    bar_sync(kBarConsumers, kConsumers);  // red_sum and Q are reused by the next request
   }
 }
 
@@ -649,7 +747,7 @@ template <typename T, KvFormat F, int N>
 cudaError_t launch_n(const DecodeParams& p, const CUtensorMap& map, const CUtensorMap& aux,
                      const float* kv_scale, cudaStream_t stream) {
   const dim3 grid(1, p.h_kv, p.num_parts);
-  narrow_kernel<T, F, N><<<grid, kNarrowThreads, kNarrowSmemBytes<F, N>, stream>>>(p, map, aux,
+  narrow_kernel<T, F, N><<<grid, kNarrowThreads<F, N>, kNarrowSmemBytes<F, N>, stream>>>(p, map, aux,
                                                                                   kv_scale);
   return cudaGetLastError();
 }

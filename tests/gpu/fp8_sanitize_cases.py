@@ -25,11 +25,17 @@ CASES = [
     ("fp8_with_scale", EDGES, 2, 1, 1, True),
     ("fp8_per_tensor", ((6, 140, True, 0.3), (2, 20, False, 0.0)) + EDGES, 2, 32, 2, True),
     ("fp8_per_tensor", ((16, 1000, True, 0.5),), 1, 128, 1, False),
+    # 16 rows: the narrow kernel's two consumer warpgroups (odd and even page counts, splits)
+    ("fp8_with_scale", ((2, 5000, True, 0.5),) + EDGES, 1, 16, 1, True),
+    ("fp8_per_tensor", ((4, 700, True, 0.5),) + EDGES, 2, 8, 1, True),
 ]
 
 
 def main():
+    only = {int(a) for a in sys.argv[1:]}  # optional case numbers
     for i, (layout, sub, s_q, h_q, h_kv, causal) in enumerate(CASES):
+        if only and i not in only:
+            continue
         cache, _, bt, sl = make_fp8_merged(200 + i, sub, s_q, h_kv, layout)
         q = make_q(300 + i, sl.shape[0], s_q, h_q)
         out, lse = decode_fp8(q, cache, bt, sl, jnp.float32(KV_SCALE), causal, layout)

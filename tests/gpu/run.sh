@@ -2,7 +2,7 @@
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
-#                    [ncu] [wgmma-rate] [trace]
+#                    [racecheck] [ncu] [wgmma-rate] [trace]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -82,13 +82,27 @@ if want sanitize; then
   note "memcheck: rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitize.log" | tail -1) $(grep -c SANITIZE_OK "$OUT/sanitize.log") ok-lines"
 fi
 
-if want sanitize || want sanitize-fp8; then  # the FP8 KV-cache kernel (issue 5)
+if want sanitize || want sanitize-fp8; then  # the FP8 KV-cache kernels (issue 5)
+  # One process per case: compute-sanitizer itself segfaulted running all seven in one process
+  # (each case alone is clean).
+  : > "$OUT/sanitize_fp8.log"; rc=0
+  for c in $(seq 0 $(( $(grep -c '^    ("fp8_' tests/gpu/fp8_sanitize_cases.py) - 1 ))); do
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 --kernel-name kns=jfm \
+      python3 tests/gpu/fp8_sanitize_cases.py $c >> "$OUT/sanitize_fp8.log" 2>&1 || rc=$?
+  done
+  grep -E "ok:|ERROR SUMMARY" "$OUT/sanitize_fp8.log" | tail -16
+  note "memcheck (fp8): rc=$rc $(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitize_fp8.log") clean runs, $(grep -c SANITIZE_OK "$OUT/sanitize_fp8.log") ok-lines"
+fi
+
+if want racecheck; then  # shared-memory hazards of the narrow kernel (two consumer warpgroups)
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 --kernel-name kns=jfm \
-    python3 tests/gpu/fp8_sanitize_cases.py > "$OUT/sanitize_fp8.log" 2>&1
+    timeout 200 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 \
+    --kernel-name kns=narrow python3 tests/gpu/fp8_sanitize_cases.py ${RACECHECK_CASES:-2 6} \
+    > "$OUT/racecheck.log" 2>&1
   rc=$?
-  tail -8 "$OUT/sanitize_fp8.log"
-  note "memcheck (fp8): rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_fp8.log" | tail -1) $(grep -c SANITIZE_OK "$OUT/sanitize_fp8.log") ok-lines"
+  grep -E "ok:|SUMMARY" "$OUT/racecheck.log" | tail -6
+  note "racecheck (fp8 narrow): rc=$rc $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1)"
 fi
 
 if want graphs; then
