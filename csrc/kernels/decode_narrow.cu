@@ -17,8 +17,9 @@
 //   PV:   thread (warp w, lane / 4 = g) owns the 16 channels 16(8w + g).. of O^T: M-tile mt row
 //         16w + g (+8) is channel 16(8w + g) + 2mt (+1). In key step ks, k = 2q, 2q+1, 2q+8, 2q+9 are
 //         keys 16ks + q, +4, +8, +12; P^T is stored with that permutation.
-// One warpgroup computes; one producer warp streams whole pages into a ring of stages by TMA (one
-// "full" mbarrier per stage; the consumers arrive on its "empty" mbarrier after their last read).
+// One consumer warpgroup (FP8: two, taking pages in turn, see kGroupsOf) computes; one producer
+// warp streams whole pages into a ring of stages by TMA (one "full" mbarrier per stage; the
+// consumers arrive on its "empty" mbarrier after their last read).
 // The softmax runs over columns (query rows): maxima go through shared memory once per page, sums
 // only at the end. Out-of-range page ids are out-of-bounds TMA boxes (zeros); keys past the length
 // are masked in S^T and their V is zeroed (bf16/fp16) or their P^T is 0 (FP8).
