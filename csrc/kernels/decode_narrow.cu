@@ -40,7 +40,6 @@
 #include "kernels/fp8_dequant.cuh"
 #include "kernels/mla.h"
 #include "kernels/tma_pipeline.cuh"
-#include "kernels/wgmma_narrow.cuh"
 
 namespace jfm {
 namespace {
@@ -52,6 +51,9 @@ constexpr int kBarGroup = 1;           // named barriers 1, 2: consumer warpgrou
 constexpr int kBarConsumers = 3;       // named barrier of all consumer warpgroups
 constexpr int kKBlocks = kHeadDimQK / 64;             // 9 blocks of 64 channels
 constexpr int kTileBytes = kColBlockBytes;            // 8 KB: 64 keys x 128 bytes
+// P^T copies: with scale one per 128-channel block (each key's column times its scale there).
+template <KvFormat F>
+constexpr int kPtCopiesOf = F == KvFormat::kFp8WithScale ? 4 : 1;
 template <KvFormat F>
 constexpr int kNarrowMaxRowsOf =
     F == KvFormat::kFp8WithScale ? kNarrowMaxRowsWithScale : kNarrowMaxRows;
@@ -95,7 +97,7 @@ struct NarrowSmem {
   // first half of its O^T to the first at a request's end; hand_hi takes the other half.
   uint8_t q[kKBlocks * N * 128];
   float hand_hi[kGroups > 1 ? 4 * (N / 2) * kConsumerThreads : 1];
-  uint8_t pt[kGroups][F == KvFormat::kFp8WithScale ? 4 : 1][N * 128];  // B of PV: P^T, SW128
+  uint8_t pt[kGroups][kPtCopiesOf<F>][N * 128];  // B of PV: P^T, SW128
   float red_max[kGroups][2][4][N];       // per-warp column maxima, double-buffered across pages
   uint32_t red_scale[kGroups][2][4][4];  // with scale: per-warp maxima of the blocks' |scale| bits
   float red_sum[kGroups][4][N];
@@ -470,6 +472,7 @@ __global__ void __launch_bounds__(kNarrowThreads<F, N>, 1)
   const int bar_group = kBarGroup + grp;
   const int r0 = 16 * w + g;  // this thread's key rows in S^T: r0, r0 + 8
   constexpr bool kScaled = F == KvFormat::kFp8WithScale;
+  constexpr int kPtCopies = kPtCopiesOf<F>;
   const float out_scale = F == KvFormat::kFp8PerTensor ? *kv_scale : 1.f;
   // Per tensor, S^T comes out times 2^-60 (Q * 2^60, K * 2^-120).
   const float scale_log2 =
@@ -600,18 +603,16 @@ __global__ void __launch_bounds__(kNarrowThreads<F, N>, 1)
         const int c = slot_of(i);
         const float pv = fast_exp2(fmaf(s[i], scale_log2, -m[c]));
         psum[c] += pv;
+        // P^T row n = column, logical key k (SW128). With scale, natural key order: S^T row
+        // r0 + 8 half is key k of the page. Otherwise key row r0 + 8 half = 16w + (g + 8 half)
+        // holds key q' + 4e + 8hi of step w with q' = g % 4, e = g / 4, hi = half (key_of), so
+        // k = 2q' + e + 8hi.
         const int n = acc_col(c);
-        if constexpr (kScaled) {
-          // Natural key order: S^T row r0 + 8 half is key k of the page.
-          const int k = r0 + 8 * half_of(i), idx = n * 64 + ((((k >> 3) ^ (n & 7))) << 3) + (k & 7);
+        const int k = kScaled ? r0 + 8 * half_of(i) : 16 * w + 2 * (g & 3) + (g >> 2) + 8 * half_of(i);
+        const int idx = n * 64 + (((k >> 3) ^ (n & 7)) << 3) + (k & 7);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) pt[j * N * 64 + idx] = T(pv * key_factor[half_of(i)][j]);
-        } else {
-          // P^T row n = column, logical key k: key row r0 + 8 half = 16w + (g + 8 half) holds
-          // key q' + 4e + 8hi of step w with q' = g % 4, e = g / 4, hi = half -> k = 2q' + e + 8hi.
-          const int k = 16 * w + 2 * (g & 3) + (g >> 2) + 8 * half_of(i);
-          pt[n * 64 + ((((k >> 3) ^ (n & 7))) << 3) + (k & 7)] = T(pv * kPScale);
-        }
+        for (int j = 0; j < kPtCopies; ++j)
+          pt[j * N * 64 + idx] = T(pv * (kScaled ? key_factor[half_of(i)][j] : kPScale));
       }
 #pragma unroll
       for (int c = 0; c < kCols; ++c) l[c] = l[c] * alpha[c] + psum[c];
@@ -644,13 +645,14 @@ __global__ void __launch_bounds__(kNarrowThreads<F, N>, 1)
       }
     }
     bar_sync(kGroups > 1 ? kBarConsumers : bar_group, kConsumers);
+    // Column n's sum over warpgroup h's four warps.
+    auto group_sum = [&](int h, int n) {
+      const float(&rsum)[4][N] = sm.red_sum[h];
+      return rsum[0][n] + rsum[1][n] + rsum[2][n] + rsum[3][n];
+    };
     float L[kCols];
 #pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      const float(&rsum)[4][N] = sm.red_sum[grp];
-      const int n = acc_col(c);
-      L[c] = rsum[0][n] + rsum[1][n] + rsum[2][n] + rsum[3][n];
-    }
+    for (int c = 0; c < kCols; ++c) L[c] = group_sum(grp, acc_col(c));
     if constexpr (kGroups > 1) {
       // The first warpgroup takes the second's state: m = max of both, each side's O^T, l times
       // 2^(its m - m) (with scale also S_b(its) / S_b(merged)).
@@ -659,9 +661,8 @@ __global__ void __launch_bounds__(kNarrowThreads<F, N>, 1)
       if (grp == 0) {
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
-          const float(&rsum)[4][N] = sm.red_sum[1];
           const int n = acc_col(c);
-          const float m1 = sm.merge_m[n], l1 = rsum[0][n] + rsum[1][n] + rsum[2][n] + rsum[3][n];
+          const float m1 = sm.merge_m[n], l1 = group_sum(1, n);
           const float mm = fmaxf(m[c], m1);
           keep[c] = fast_exp2(m[c] - mm);
           take[c] = fast_exp2(m1 - mm);

@@ -1,5 +1,7 @@
 // wgmma (sm_90a) with A from registers ("RS"): D (fp32) += A (4 x 32-bit registers per thread,
-// the mma.sync m16n8k16 A-fragment layout per warp) * B (shared-memory descriptor).
+// the mma.sync m16n8k16 A-fragment layout per warp) * B (shared-memory descriptor). Shapes: the
+// wide kernels' m64n64k16 (QK^T) and m64n256k16 (PV), and the narrow kernel's m64nNk16 with N = 16
+// or 32 query rows (decode_narrow.cu: M = 64 keys or 64 latent channels).
 // A fragment of thread (warp w, lane l), rows w*16 + l/4 (+8), k columns 2*(l%4) (+8):
 //   a[0] = (row, k..k+1), a[1] = (row + 8, k..k+1), a[2] = (row, k+8..k+9), a[3] = (row + 8, k+8..)
 // which is also how the fp32 accumulator of an m64nN wgmma lies, so S = Q K^T can feed P V
@@ -45,26 +47,57 @@ namespace jfm {
         JFM_ACC8(d, 120)                                                                         \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 
+// m64n16k16 / m64n32k16, B K-major; accumulates if `accumulate`.
+#define JFM_RS_N16(TY)                                                                       \
+  asm volatile(                                                                            \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"                                           \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " "                            \
+      "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"                    \
+      : JFM_ACC8(d, 0)                                                                     \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
+#define JFM_RS_N32(TY)                                                                       \
+  asm volatile(                                                                            \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"                                           \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "                            \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, " \
+      "1, 1, 0;\n}\n"                                                                        \
+      : JFM_ACC8(d, 0), JFM_ACC8(d, 8)                                                       \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
+
 // T: __nv_bfloat16 or __half (A's and B's type; the asm string needs it as a literal).
+#define JFM_RS_BY_TYPE(SHAPE)                             \
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) { \
+    SHAPE("bf16");                                        \
+  } else {                                                \
+    SHAPE("f16");                                         \
+  }
+
 template <typename T>
 __device__ __forceinline__ void wgmma_rs_m64n64k16(float (&d)[32], const uint32_t (&a)[4],
                                                    uint64_t desc_b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    JFM_RS_N64("bf16");
-  } else {
-    JFM_RS_N64("f16");
-  }
+  JFM_RS_BY_TYPE(JFM_RS_N64)
 }
 template <typename T>
 __device__ __forceinline__ void wgmma_rs_m64n256k16_tnsp_b(float (&d)[128], const uint32_t (&a)[4],
                                                            uint64_t desc_b) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    JFM_RS_N256("bf16");
+  JFM_RS_BY_TYPE(JFM_RS_N256)
+}
+// D (64 x N fp32) = A * B (K-major) + (accumulate ? D : 0), N = 16 or 32. Accumulator i of thread
+// (warp w, lane l): row w*16 + l/4 + 8*((i%4)/2), column 8*(i/4) + 2*(l%4) + i%2.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs_narrow(float (&d)[N / 2], const uint32_t (&a)[4],
+                                                uint64_t desc_b, int accumulate = 1) {
+  static_assert(N == 16 || N == 32, "narrow wgmma: N is 16 or 32");
+  if constexpr (N == 16) {
+    JFM_RS_BY_TYPE(JFM_RS_N16)
   } else {
-    JFM_RS_N256("f16");
+    JFM_RS_BY_TYPE(JFM_RS_N32)
   }
 }
 
+#undef JFM_RS_BY_TYPE
+#undef JFM_RS_N16
+#undef JFM_RS_N32
 #undef JFM_RS_N64
 #undef JFM_RS_N256
 #undef JFM_ACC8
