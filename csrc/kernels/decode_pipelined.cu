@@ -37,7 +37,10 @@
 // dequantizes it in place (the read of a row finishes in the warp before the row is overwritten),
 // fences and arrives on the block's "ready" mbarrier, which is what the MMA warpgroups wait on
 // instead of the TMA barrier. Blocks are converted in the order their raw loads are issued.
-// setmaxnreg gives the MMA warpgroups 232 registers and the converter 40.
+// With scale, each page's scales come by TMA with its first converted block (kScalesBoxBytes).
+// setmaxnreg gives the MMA warpgroups 232 registers and the converter 40 (with scale, ptxas keeps
+// a few loop-invariant shared-memory addresses of the converter in local memory, reloaded per
+// block from L1).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -86,6 +89,12 @@ constexpr int kBarsPerBuf = 10;
 constexpr int kRawRope = 4, kReady = 5;
 constexpr int kFp8BlockBytes = 128;  // e4m3 channels per raw block = one tile's bytes per row
 constexpr int kWsRopeByte = 528;     // with scale: where a token's bf16 RoPE starts
+// With scale, a page's 64 x 16 bytes of float32 scales (unswizzled, 16 bytes per token) arrive by
+// TMA with the first raw block the converter takes from the buffer (K0: block 0, K1: block 2; see
+// convert_pages) and land in that block's even tile slot, which nothing reads until the
+// converter writes it: the converter reads them there, then overwrites the slot.
+constexpr int kScalesBoxBytes = kPageSize * 4 * (int)sizeof(float);
+__host__ __device__ constexpr int scales_block(int buf) { return buf == 0 ? 0 : 2; }
 
 #ifdef JFM_TRACE
 constexpr int kTracePairs = 7, kTraceEvents = 10;  // timeline probe (see trace_stamp)
@@ -137,7 +146,8 @@ __device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, in
 template <KvFormat F>
 struct PageLoader {
   const CUtensorMap* map;       // native: tiles; FP8: 128-byte raw blocks (and the ws RoPE)
-  const CUtensorMap* rope_map;  // FP8 per tensor: the 64 raw RoPE bytes of each token
+  const CUtensorMap* rope_map;  // FP8 per tensor: the 64 raw RoPE bytes of each token;
+                                // with scale: the 16 bytes of float32 scales of each token
   uint32_t k_base[2];    // smem address of buffer K0 / K1
   uint32_t bar_base[2];  // smem address of tile_bar[0][0] / tile_bar[1][0]
   int kvh;
@@ -157,9 +167,16 @@ struct PageLoader {
       }
     } else {
       for (int j = t0 / 2; j < min(t1, 8) / 2; ++j) {
-        mbar_expect_tx(pred, bar(buf, j), kTileBytes);
+        // With scale, the page's scales come with the first block the converter takes from this
+        // buffer, into that block's still-free even slot (see scales_block).
+        const bool scales = F == KvFormat::kFp8WithScale && j == scales_block(buf);
+        mbar_expect_tx(pred, bar(buf, j), kTileBytes + (scales ? kScalesBoxBytes : 0));
         tma_load_tile(pred, k_base[buf] + (2 * j + 1) * kTileBytes, map, bar(buf, j),
                       j * kFp8BlockBytes, kvh, page, policy);
+        if (scales) {
+          tma_load_tile(pred, k_base[buf] + 2 * j * kTileBytes, rope_map, bar(buf, j), kHeadDimV,
+                        kvh, page, policy);
+        }
       }
       if (t1 == kTiles) {
         const uint32_t rope = k_base[buf] + 8 * kTileBytes;
@@ -335,30 +352,30 @@ __device__ __forceinline__ void zero_rows(T* buf, int t0, int valid, int wg_tid,
 // raw chunks 4 + 2h, 4 + 2h + 1 into tile 2j + 1, whose row r covers raw row r: all threads read
 // before any writes (the two halves of a row sit in different warps). A shared-memory phase is 8
 // consecutive rows, so the swizzle spreads its 8 accesses over 8 bank groups.
-template <bool kScaled>
+template <bool kScaled, bool kTwice>
 __device__ __forceinline__ void convert_half(uint32_t raw_row, uint32_t out_row, int c0, int k0,
-                                             const fp8_detail::ScaleFactor& s, int r,
-                                             bool in_place) {
+                                             uint32_t s, int r, bool in_place) {
   const uint4 a = lds128(raw_row + ((c0 ^ (r & 7)) << 4));
   const uint4 b = lds128(raw_row + (((c0 + 1) ^ (r & 7)) << 4));
   if (in_place) bar_sync(kBarConvert, kWgThreads);
   uint32_t v[4];
-  fp8_detail::dequant8<kScaled>(a.x, a.y, s, v);
+  fp8_detail::dequant8<kScaled, kTwice>(a.x, a.y, s, v);
   sts128(out_row + ((k0 ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled>(a.z, a.w, s, v);
+  fp8_detail::dequant8<kScaled, kTwice>(a.z, a.w, s, v);
   sts128(out_row + (((k0 + 1) ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled>(b.x, b.y, s, v);
+  fp8_detail::dequant8<kScaled, kTwice>(b.x, b.y, s, v);
   sts128(out_row + (((k0 + 2) ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled>(b.z, b.w, s, v);
+  fp8_detail::dequant8<kScaled, kTwice>(b.z, b.w, s, v);
   sts128(out_row + (((k0 + 3) ^ (r & 7)) << 4), v);
 }
 
-template <bool kScaled>
-__device__ __forceinline__ void convert_block(uint32_t buf, int j, const fp8_detail::ScaleFactor& s,
-                                              int r, int h) {
+// s: the bf16x2 factor (fp8_detail::scale_factor<kTwice>).
+template <bool kScaled, bool kTwice>
+__device__ __forceinline__ void convert_block(uint32_t buf, int j, uint32_t s, int r, int h) {
   const uint32_t raw_row = buf + (2 * j + 1) * kTileBytes + r * 128;
-  convert_half<kScaled>(raw_row, buf + 2 * j * kTileBytes + r * 128, 2 * h, 4 * h, s, r, false);
-  convert_half<kScaled>(raw_row, raw_row, 4 + 2 * h, 4 * h, s, r, true);
+  convert_half<kScaled, kTwice>(raw_row, buf + 2 * j * kTileBytes + r * 128, 2 * h, 4 * h, s, r,
+                                false);
+  convert_half<kScaled, kTwice>(raw_row, raw_row, 4 + 2 * h, 4 * h, s, r, true);
 }
 
 // Per tensor: the raw RoPE (64 tokens x 64 e4m3, unswizzled 64-byte rows in the upper half of tile
@@ -373,46 +390,35 @@ __device__ __forceinline__ void convert_rope(uint32_t buf, int r, int h) {
   for (int i = 0; i < 2; ++i) {
     uint32_t v[4];
     const int c = 4 * h + 2 * i;
-    fp8_detail::dequant8<false>(in[i].x, in[i].y, {0u, 1.f}, v);
+    fp8_detail::dequant8<false, false>(in[i].x, in[i].y, 0u, v);
     sts128(out_row + ((c ^ (r & 7)) << 4), v);
-    fp8_detail::dequant8<false>(in[i].z, in[i].w, {0u, 1.f}, v);
+    fp8_detail::dequant8<false, false>(in[i].z, in[i].w, 0u, v);
     sts128(out_row + (((c + 1) ^ (r & 7)) << 4), v);
   }
 }
 
-// With scale: where the four float32 scales of token r of `page` are (null for an out-of-range
-// id: TMA zero-fills its tiles and its scales count as 0).
-__device__ __forceinline__ const float* scale_row(const DecodeParams& p, int page, int r, int kvh) {
-  if (page < 0 || page >= p.num_blocks) return nullptr;
-  const uint8_t* token = static_cast<const uint8_t*>(p.k_cache) +
-                         (((int64_t)page * kPageSize + r) * p.h_kv + kvh) * kFp8WithScaleBytes;
-  return reinterpret_cast<const float*>(token + kHeadDimV);
-}
-
-// Those scales as bf16 factors 2^120 * s, two per word (fp8_detail::scale_factor; 0 where that is
-// not an exact bf16, and block_scale then re-reads the float32). Packed, a pair's scales take 4 of
-// the converter's 40 registers.
+// With scale: token r's four scales as bf16 (fp8_detail::bf16_bits), two per word, from where the
+// TMA left them (kScalesBoxBytes at `slot`; zeros for an out-of-range page), read by every
+// converter thread before any overwrites the slot; `twice`: some scale of the page needs
+// fp8_detail's two-multiply form, so the whole page takes it (a converter-wide vote: the
+// conversion has barriers, so its variant must not diverge). A pair's scales take 4 of the
+// converter's 40 registers.
 struct PackedScales {
   uint32_t w[2];
+  bool twice;
 };
-__device__ __forceinline__ float4 load_scales(const DecodeParams& p, int page, int r, int kvh) {
-  const float* row = scale_row(p, page, r, kvh);
-  return row ? __ldg(reinterpret_cast<const float4*>(row)) : make_float4(0.f, 0.f, 0.f, 0.f);
+__device__ __forceinline__ PackedScales read_scales(uint32_t slot, int r) {
+  const uint4 v = lds128(slot + r * 16);
+  auto f = [](uint32_t x) { return fp8_detail::bf16_bits(__uint_as_float(x)); };
+  const PackedScales ps{{f(v.x) | (f(v.y) << 16), f(v.z) | (f(v.w) << 16)}, false};
+  const bool mine = fp8_detail::needs_twice(ps.w[0] & 0xFFFFu) ||
+                    fp8_detail::needs_twice(ps.w[0] >> 16) ||
+                    fp8_detail::needs_twice(ps.w[1] & 0xFFFFu) ||
+                    fp8_detail::needs_twice(ps.w[1] >> 16);
+  return {{ps.w[0], ps.w[1]}, bar_red_or(kBarConvert, kWgThreads, mine)};
 }
-__device__ __forceinline__ PackedScales pack_scales(const float4& v) {
-  auto f = [](float x) { return fp8_detail::scale_factor(x).f2 & 0xFFFFu; };
-  return {{f(v.x) | (f(v.y) << 16), f(v.z) | (f(v.w) << 16)}};
-}
-
-// `page` points at the page's block-table entry (read again only on the slow path).
-__device__ __forceinline__ fp8_detail::ScaleFactor block_scale(const DecodeParams& p,
-                                                               const PackedScales& ps, int j,
-                                                               const int32_t* page, int r,
-                                                               int kvh) {
-  const uint32_t half = (ps.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
-  if (half != 0u) return {half | (half << 16), 0.f};
-  const float* row = scale_row(p, *page, r, kvh);
-  return {0u, row ? __ldg(row + j) : 0.f};
+__device__ __forceinline__ uint32_t block_scale_bits(const PackedScales& ps, int j) {
+  return (ps.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
 }
 
 // The converter's loop: the same requests and pages as the MMA warpgroups, a pair (b in K0,
@@ -430,11 +436,15 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
   // Addresses from the smem struct at each (constant) buffer index: offsets from one base
   // register, where a PageLoader would hold four more of the converter's 40.
   auto bar = [&](int buf, int slot) { return smem_addr(&sm.tile_bar[buf][slot]); };
-  auto block = [&](int buf, int j, uint32_t parity, const PackedScales& ps, const int32_t* page) {
+  auto block = [&](int buf, int j, uint32_t parity, const PackedScales& ps) {
     mbar_wait(bar(buf, j), parity);
-    const fp8_detail::ScaleFactor sf =
-        kScaled ? block_scale(p, ps, j, page, r, kvh) : fp8_detail::ScaleFactor{0u, 1.f};
-    convert_block<kScaled>(smem_addr(sm.k[buf]), j, sf, r, h);
+    const uint32_t sb = block_scale_bits(ps, j);
+    if (kScaled && ps.twice) {
+      convert_block<kScaled, true>(smem_addr(sm.k[buf]), j, fp8_detail::scale_factor<true>(sb), r, h);
+    } else {
+      convert_block<kScaled, false>(smem_addr(sm.k[buf]), j, fp8_detail::scale_factor<false>(sb), r,
+                                    h);
+    }
     fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
     mbar_arrive(bar(buf, kReady + j));
   };
@@ -446,35 +456,31 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
   };
   for (int req = begin_req; req <= end_req; ++req) {
     const Piece pc = make_piece(p, md, req, begin_req, end_req, m0, 0, 0);
-    const int32_t* bt = p.block_table + (int64_t)req * p.max_blocks;
 #pragma unroll 1
     for (int b = pc.start; b < pc.end; b += 2) {
       const bool has1 = b + 1 < pc.end;
       const uint32_t par0 = fills0 & 1, par1 = fills1 & 1;
-      const int32_t* page0 = bt + b;
-      const int32_t* page1 = bt + b + 1;  // used only if has1
-      // With scale: page b's scales are needed first; page b + 1's load while K0's first two
-      // blocks convert. A pair-ahead prefetch would hide both loads but spills the converter's 40
-      // registers (and a spill store waits for its load); docs/perf-notes.md has what was tried.
-      PackedScales s0{{0u, 0u}}, s1 = s0;
-      float4 in_flight = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (kScaled) {
-        s0 = pack_scales(load_scales(p, *page0, r, kvh));
-        in_flight = load_scales(p, has1 ? *page1 : -1, r, kvh);
-      }
+      // With scale: each page's scales arrive with the first block taken from its buffer.
+      PackedScales s0{{0u, 0u}, false}, s1 = s0;
+      auto scales = [&](int buf, uint32_t parity) {
+        const int j = scales_block(buf);
+        mbar_wait(bar(buf, j), parity);
+        return read_scales(smem_addr(sm.k[buf]) + 2 * j * kTileBytes, r);
+      };
+      if (kScaled) s0 = scales(0, par0);
       if (!kScaled) rope(0, par0);
-      block(0, 0, par0, s0, page0);
-      block(0, 1, par0, s0, page0);
-      if (kScaled) s1 = pack_scales(in_flight);
+      block(0, 0, par0, s0);
+      block(0, 1, par0, s0);
       if (has1) {
-        block(1, 2, par1, s1, page1);
-        block(1, 3, par1, s1, page1);
+        if (kScaled) s1 = scales(1, par1);
+        block(1, 2, par1, s1);
+        block(1, 3, par1, s1);
       }
-      block(0, 2, par0, s0, page0);
-      block(0, 3, par0, s0, page0);
+      block(0, 2, par0, s0);
+      block(0, 3, par0, s0);
       if (has1) {
-        block(1, 0, par1, s1, page1);
-        block(1, 1, par1, s1, page1);
+        block(1, 0, par1, s1);
+        block(1, 1, par1, s1);
         if (!kScaled) rope(1, par1);
       }
       ++fills0;
@@ -818,19 +824,20 @@ cudaError_t prepare_decode_fp8() {
 cudaError_t launch_decode_fp8(const DecodeFp8Params& fp, Fp8Layout layout,
                               cudaStream_t stream) {
   // Raw blocks: 128 bytes x 64 tokens, 128-byte swizzled like a bf16 tile (with scale, the bf16
-  // RoPE bytes through the same map land exactly as a bf16 tile). Per tensor the RoPE box is
-  // 64 bytes wide and unswizzled.
+  // RoPE bytes through the same map land exactly as a bf16 tile). The second map, unswizzled:
+  // per tensor the 64 raw RoPE bytes of each token, with scale its 16 bytes of scales.
   const bool ws = layout == Fp8Layout::kWithScale;
   const int row = ws ? kFp8WithScaleBytes : kFp8PerTensorBytes;
   CUtensorMap map, rope;
   CUresult r = encode_cache_map(&map, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
                                 kFp8BlockBytes, CU_TENSOR_MAP_SWIZZLE_128B);
-  if (r == CUDA_SUCCESS && !ws) {
+  if (r == CUDA_SUCCESS) {
     r = encode_cache_map(&rope, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
-                         kHeadDimQK - kHeadDimV, CU_TENSOR_MAP_SWIZZLE_NONE);
+                         ws ? kScalesBoxBytes / kPageSize : kHeadDimQK - kHeadDimV,
+                         CU_TENSOR_MAP_SWIZZLE_NONE);
   }
   if (r != CUDA_SUCCESS) return tensor_map_error(r);
-  return ws ? launch_kernel<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, map, nullptr,
+  return ws ? launch_kernel<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, rope, nullptr,
                                                                     stream)
             : launch_kernel<__nv_bfloat16, KvFormat::kFp8PerTensor>(fp.base, map, rope,
                                                                     fp.kv_scale, stream);

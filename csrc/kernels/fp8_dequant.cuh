@@ -1,8 +1,8 @@
 // e4m3 -> bf16 dequantization for the FP8 KV-cache decode (decode_pipelined.cu's converter).
 //
 // Exact: the e4m3 bits move into a bf16 whose value is the e4m3 value times 2^-120 (zero,
-// subnormals and normals alike), then one bf16 multiply by 2^120 * scale, exact whenever that
-// factor is a bf16 (always for power-of-two scales and for 1). NaN codes (0x7F, 0xFF) decode as
+// subnormals and normals alike), then one bf16 multiply by 2^120 * scale, exact for power-of-two
+// scales and for 1 (see ScaleFactor for the rest). NaN codes (0x7F, 0xFF) decode as
 // +-480 instead of NaN: no valid quantized value uses them.
 #pragma once
 
@@ -39,48 +39,41 @@ __device__ __forceinline__ void e4m3x4_scaled(uint32_t w, uint32_t& lo, uint32_t
   hi = (prmt(w, 0xB3A2u) << 4) & 0x87F087F0u;  // lanes: sext(byte 2), sext(byte 3)
 }
 
-// A scale s as the bf16x2 factor 2^120 * s when that is a finite bf16 (then one multiply per word
-// is exact), else f2 = 0 and the slow path below. Computed once per scale, not per chunk.
-struct ScaleFactor {
-  uint32_t f2;
-  float s;
-};
-__device__ __forceinline__ ScaleFactor scale_factor(float s) {
-  const uint32_t fb = __float_as_uint(s * 0x1p120f);  // exact unless it overflows
-  const bool exact = (fb & 0xFFFFu) == 0u && (fb & 0x7F800000u) != 0x7F800000u;
-  return {exact ? (fb >> 16) | (fb & 0xFFFF0000u) : 0u, s};
+// A scale s is applied as one bf16x2 multiply by 2^120 * bf16(s) when that factor is a finite
+// bf16 (s < 2^8), else (kTwice) as an exact multiply by 2^120 and one by bf16(s). Either way the
+// product is exact for power-of-two scales (DeepSeek V3.2's) and for any bf16 scale whose product
+// is a bf16; other scales are rounded to bf16 first (relative error <= 2^-8 in all).
+// s as bf16 bits (round to nearest even).
+__device__ __forceinline__ uint32_t bf16_bits(float s) {
+  uint16_t b;
+  asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(b) : "f"(s));
+  return b;
+}
+// Whether bf16 bits `sb` need the kTwice form (2^120 * s not a finite bf16: s >= 2^8, inf, NaN).
+__device__ __forceinline__ bool needs_twice(uint32_t sb) { return ((sb >> 7) & 0xFFu) > 254u - 120u; }
+// The bf16x2 factor for bf16 bits `sb` (see above).
+template <bool kTwice>
+__device__ __forceinline__ uint32_t scale_factor(uint32_t sb) {
+  const uint32_t s2 = sb | (sb << 16);
+  return kTwice ? s2 : bf16x2_mul(s2, kPow2_120x2);
 }
 
-// v = four bf16x2 words of e4m3 values times 2^-120 -> bf16 of (e4m3 value * s).
-__device__ __forceinline__ void apply_scale(uint32_t (&v)[4], const ScaleFactor& f) {
-  if (f.f2 != 0u) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = bf16x2_mul(v[k], f.f2);
-  } else {
-    // Zero, large or non-bf16 scale (or NaN/inf): exact e4m3 values, scaled in float32, rounded
-    // once.
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t e = bf16x2_mul(v[k], kPow2_120x2);
-      const float lo = __uint_as_float(e << 16) * f.s, hi = __uint_as_float(e & 0xFFFF0000u) * f.s;
-      __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
-      v[k] = *reinterpret_cast<uint32_t*>(&r);
-    }
-  }
-}
-
-// Eight e4m3 codes (two words) -> one 16-byte chunk of bf16 (four bf16x2 words) of value * s;
-// kScaled = false means s == 1 (per-tensor caches fold their scale elsewhere).
-template <bool kScaled>
-__device__ __forceinline__ void dequant8(uint32_t w0, uint32_t w1, const ScaleFactor& f,
-                                         uint32_t (&v)[4]) {
+// Eight e4m3 codes (two words) -> one 16-byte chunk of bf16 (four bf16x2 words) of value * s,
+// f2 = scale_factor<kTwice>(s); kScaled = false means s == 1 (per-tensor caches fold their scale
+// elsewhere).
+template <bool kScaled, bool kTwice>
+__device__ __forceinline__ void dequant8(uint32_t w0, uint32_t w1, uint32_t f2, uint32_t (&v)[4]) {
   e4m3x4_scaled(w0, v[0], v[1]);
   e4m3x4_scaled(w1, v[2], v[3]);
-  if constexpr (kScaled) {
-    apply_scale(v, f);
-  } else {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = bf16x2_mul(v[k], kPow2_120x2);
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (!kScaled) {
+      v[k] = bf16x2_mul(v[k], kPow2_120x2);
+    } else if constexpr (kTwice) {
+      v[k] = bf16x2_mul(bf16x2_mul(v[k], kPow2_120x2), f2);
+    } else {
+      v[k] = bf16x2_mul(v[k], f2);
+    }
   }
 }
 

@@ -250,11 +250,13 @@ def _exact_cache(layout, seed):
     return cache, want_v, exact
 
 
+@pytest.mark.parametrize("h_q", [16, 64])  # 16: the narrow kernel; 64: v4 and its converter
 @pytest.mark.parametrize("layout", ["fp8_with_scale", "fp8_per_tensor"])
-def test_fp8_dequantization_is_exact(layout):
+def test_fp8_dequantization_is_exact(layout, h_q):
     """With one key, or 64 identical keys, softmax weights are exactly 1 (or 1/64) and out is the
     dequantized V row itself: bit-exact against NumPy/ml_dtypes for every code and every
-    power-of-two scale (per tensor: any scale); other scales within 2^-7 relative."""
+    power-of-two scale (per tensor: any scale); other scales within 2^-7 relative (the narrow
+    kernel rounds P * scale to bf16, v4's converter the scale itself)."""
     cache_np, want_v, exact = _exact_cache(layout, 7)
     # Requests 0..15 read one token of page i, 16..31 all 64 (identical) tokens of page i - 16.
     b = 2 * _EXACT_PAGES
@@ -263,7 +265,7 @@ def test_fp8_dequantization_is_exact(layout):
     bt[:, 0] = pages
     sl = np.where(np.arange(b) < _EXACT_PAGES, 1, PAGE_SIZE).astype(np.int32)
     cache = storage(jnp.asarray(cache_np), layout)
-    q = make_q(11, b, 1, 16)
+    q = make_q(11, b, 1, h_q)
     kv_scale = jnp.float32(KV_SCALE)
     out, lse = decode_fp8(q, cache, jnp.asarray(bt), jnp.asarray(sl), kv_scale, False, layout)
     got = np.asarray(out)                                                  # [b, 1, 16, 512]
