@@ -121,6 +121,12 @@ __device__ __forceinline__ void fence_a(uint32_t (&a)[4][4]) {
   for (int m = 0; m < 4; ++m)
     for (int k = 0; k < 4; ++k) asm volatile("" : "+r"(a[m][k])::"memory");
 }
+// Four 8 x 8 b16 matrices in the mma accumulator layout (register i: matrix i), stored transposed:
+// lane L gives the address of row L % 8 of matrix L / 8.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               :: "r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
@@ -603,16 +609,37 @@ __global__ void __launch_bounds__(kNarrowThreads<F, N>, 1)
         const int c = slot_of(i);
         const float pv = fast_exp2(fmaf(s[i], scale_log2, -m[c]));
         psum[c] += pv;
-        // P^T row n = column, logical key k (SW128). With scale, natural key order: S^T row
-        // r0 + 8 half is key k of the page. Otherwise key row r0 + 8 half = 16w + (g + 8 half)
-        // holds key q' + 4e + 8hi of step w with q' = g % 4, e = g / 4, hi = half (key_of), so
-        // k = 2q' + e + 8hi.
-        const int n = acc_col(c);
-        const int k = kScaled ? r0 + 8 * half_of(i) : 16 * w + 2 * (g & 3) + (g >> 2) + 8 * half_of(i);
-        const int idx = n * 64 + (((k >> 3) ^ (n & 7)) << 3) + (k & 7);
+        if constexpr (kScaled) {
+          s[i] = pv;  // stored below, one 8 x 8 matrix per (column group, half) and copy
+        } else {
+          // P^T row n = column, logical key k (SW128): key row r0 + 8 half = 16w + (g + 8 half)
+          // holds key q' + 4e + 8hi of step w with q' = g % 4, e = g / 4, hi = half (key_of), so
+          // k = 2q' + e + 8hi.
+          const int n = acc_col(c);
+          const int k = 16 * w + 2 * (g & 3) + (g >> 2) + 8 * half_of(i);
+          pt[n * 64 + (((k >> 3) ^ (n & 7)) << 3) + (k & 7)] = T(pv * kPScale);
+        }
+      }
+      if constexpr (kScaled) {
+        // With scale, P^T is in natural key order (S^T row r0 + 8 half is key r0 + 8 half), so
+        // each copy is four 8 x 8 matrices in the accumulator layout: matrix mi = (column group
+        // mi / 2, half mi % 2) holds columns 8(mi / 2).., keys 16w + 8(mi % 2).., stored
+        // transposed by one stmatrix (lane L gives row L % 8 of matrix L / 8 of P^T: column
+        // 8(mi / 2) + L % 8, the 16-byte chunk of keys 2w + mi % 2).
+        static_assert(N == 16, "with scale: 16 query rows (two column groups)");
+        const int mi = lane >> 3, n = 8 * (mi >> 1) + (lane & 7);
+        const uint32_t row = spt + n * 128 + ((((2 * w + (mi & 1)) ^ (n & 7))) << 4);
 #pragma unroll
-        for (int j = 0; j < kPtCopies; ++j)
-          pt[j * N * 64 + idx] = T(pv * (kScaled ? key_factor[half_of(i)][j] : kPScale));
+        for (int j = 0; j < kPtCopies; ++j) {
+          uint32_t r[4];
+#pragma unroll
+          for (int mm = 0; mm < 4; ++mm) {
+            const int i = 4 * (mm >> 1) + 2 * (mm & 1);  // accumulators i, i + 1: columns e = 0, 1
+            const float f = key_factor[mm & 1][j];
+            r[mm] = MmaOp<T>::pack(s[i] * f, s[i + 1] * f);
+          }
+          stmatrix_x4_trans(row + j * N * 128, r);
+        }
       }
 #pragma unroll
       for (int c = 0; c < kCols; ++c) l[c] = l[c] * alpha[c] + psum[c];

@@ -436,18 +436,6 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
   // Addresses from the smem struct at each (constant) buffer index: offsets from one base
   // register, where a PageLoader would hold four more of the converter's 40.
   auto bar = [&](int buf, int slot) { return smem_addr(&sm.tile_bar[buf][slot]); };
-  auto block = [&](int buf, int j, uint32_t parity, const PackedScales& ps) {
-    mbar_wait(bar(buf, j), parity);
-    const uint32_t sb = block_scale_bits(ps, j);
-    if (kScaled && ps.twice) {
-      convert_block<kScaled, true>(smem_addr(sm.k[buf]), j, fp8_detail::scale_factor<true>(sb), r, h);
-    } else {
-      convert_block<kScaled, false>(smem_addr(sm.k[buf]), j, fp8_detail::scale_factor<false>(sb), r,
-                                    h);
-    }
-    fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
-    mbar_arrive(bar(buf, kReady + j));
-  };
   auto rope = [&](int buf, uint32_t parity) {
     mbar_wait(bar(buf, kRawRope), parity);
     convert_rope(smem_addr(sm.k[buf]), r, h);
@@ -469,20 +457,26 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
       };
       if (kScaled) s0 = scales(0, par0);
       if (!kScaled) rope(0, par0);
-      block(0, 0, par0, s0);
-      block(0, 1, par0, s0);
-      if (has1) {
-        if (kScaled) s1 = scales(1, par1);
-        block(1, 2, par1, s1);
-        block(1, 3, par1, s1);
+      // Step k converts block j of buffer buf: (0,0) (0,1) (1,2) (1,3) (0,2) (0,3) (1,0) (1,1).
+      // A loop, not unrolled: one copy of the conversion code (the kernel's code is larger than
+      // the instruction cache) and no per-block address constants held in the 40 registers.
+#pragma unroll 1
+      for (int k = 0; k < 8; ++k) {
+        const int buf = (k >> 1) & 1, j = (k & 1) + 2 * ((k >> 2) ^ buf);
+        if (buf == 1 && !has1) continue;
+        if (kScaled && k == 2) s1 = scales(1, par1);
+        const PackedScales& ps = buf ? s1 : s0;
+        mbar_wait(bar(buf, j), buf ? par1 : par0);
+        const uint32_t sb = block_scale_bits(ps, j), tiles = smem_addr(sm.k[buf]);
+        if (kScaled && ps.twice) {
+          convert_block<kScaled, true>(tiles, j, fp8_detail::scale_factor<true>(sb), r, h);
+        } else {
+          convert_block<kScaled, false>(tiles, j, fp8_detail::scale_factor<false>(sb), r, h);
+        }
+        fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
+        mbar_arrive(bar(buf, kReady + j));
       }
-      block(0, 2, par0, s0);
-      block(0, 3, par0, s0);
-      if (has1) {
-        block(1, 0, par1, s1);
-        block(1, 1, par1, s1);
-        if (!kScaled) rope(1, par1);
-      }
+      if (!kScaled && has1) rope(1, par1);
       ++fills0;
       fills1 += has1 ? 1 : 0;
     }

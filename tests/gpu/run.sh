@@ -75,7 +75,7 @@ fi
 
 if want sanitize; then
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    timeout 480 compute-sanitizer --tool memcheck --error-exitcode 3 --kernel-name kns=jfm \
+    timeout 480 compute-sanitizer --tool memcheck --show-backtrace no --error-exitcode 3 --kernel-name kns=jfm \
     python3 tests/gpu/sanitize_cases.py ${SANITIZE_CASES:-} > "$OUT/sanitize.log" 2>&1
   rc=$?
   tail -12 "$OUT/sanitize.log"
@@ -84,11 +84,13 @@ fi
 
 if want sanitize || want sanitize-fp8; then  # the FP8 KV-cache kernels (issue 5)
   # One process per case: compute-sanitizer itself segfaulted running all seven in one process
-  # (each case alone is clean).
+  # (each case alone is clean). --show-backtrace no: its host backtrace collection segfaulted
+  # (dmesg: inside compute-sanitizer) on the two long with-scale cases every time; without it
+  # they run to the end with 0 errors (an error is still reported, only without a host stack).
   : > "$OUT/sanitize_fp8.log"; rc=0
   for c in $(seq 0 $(( $(grep -c '^    ("fp8_' tests/gpu/fp8_sanitize_cases.py) - 1 ))); do
     XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
-      timeout 200 compute-sanitizer --tool memcheck --error-exitcode 3 --kernel-name kns=jfm \
+      timeout 200 compute-sanitizer --tool memcheck --show-backtrace no --error-exitcode 3 --kernel-name kns=jfm \
       python3 tests/gpu/fp8_sanitize_cases.py $c >> "$OUT/sanitize_fp8.log" 2>&1 || rc=$?
   done
   grep -E "ok:|ERROR SUMMARY" "$OUT/sanitize_fp8.log" | tail -16
@@ -97,7 +99,7 @@ fi
 
 if want racecheck; then  # shared-memory hazards of the narrow kernel (two consumer warpgroups)
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    timeout 200 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 \
+    timeout 200 compute-sanitizer --tool racecheck --racecheck-report hazard --show-backtrace no --error-exitcode 3 \
     --kernel-name kns=narrow python3 tests/gpu/fp8_sanitize_cases.py ${RACECHECK_CASES:-2 6} \
     > "$OUT/racecheck.log" 2>&1
   rc=$?
