@@ -92,12 +92,14 @@ constexpr int kNarrowThreads = kGroupsOf<F, N> * kConsumerThreads + (kGroupsOf<F
 template <KvFormat F, int N>
 struct NarrowSmem {
   static constexpr int kGroups = kGroupsOf<F, N>;
-  uint8_t stage[Stage<F>::kCount][Stage<F>::kBytes];  // 1024-byte multiples: every tile aligned
+  // The SW128 operands (stage tiles, q, pt) start on 1024-byte boundaries (wgmma descriptors and
+  // TMA assume it).
+  alignas(1024) uint8_t stage[Stage<F>::kCount][Stage<F>::kBytes];  // 1024-byte multiples
   // B of QK^T: 9 blocks of N x 64, SW128. With two warpgroups, also where the second hands the
   // first half of its O^T to the first at a request's end; hand_hi takes the other half.
-  uint8_t q[kKBlocks * N * 128];
+  alignas(1024) uint8_t q[kKBlocks * N * 128];
   float hand_hi[kGroups > 1 ? 4 * (N / 2) * kConsumerThreads : 1];
-  uint8_t pt[kGroups][kPtCopiesOf<F>][N * 128];  // B of PV: P^T, SW128
+  alignas(1024) uint8_t pt[kGroups][kPtCopiesOf<F>][N * 128];  // B of PV: P^T, SW128
   float red_max[kGroups][2][4][N];       // per-warp column maxima, double-buffered across pages
   uint32_t red_scale[kGroups][2][4][4];  // with scale: per-warp maxima of the blocks' |scale| bits
   float red_sum[kGroups][4][N];
