@@ -409,13 +409,13 @@ struct PackedScales {
 };
 __device__ __forceinline__ PackedScales read_scales(uint32_t slot, int r) {
   const uint4 v = lds128(slot + r * 16);
-  auto f = [](uint32_t x) { return fp8_detail::bf16_bits(__uint_as_float(x)); };
-  const PackedScales ps{{f(v.x) | (f(v.y) << 16), f(v.z) | (f(v.w) << 16)}, false};
-  const bool mine = fp8_detail::needs_twice(ps.w[0] & 0xFFFFu) ||
-                    fp8_detail::needs_twice(ps.w[0] >> 16) ||
-                    fp8_detail::needs_twice(ps.w[1] & 0xFFFFu) ||
-                    fp8_detail::needs_twice(ps.w[1] >> 16);
-  return {{ps.w[0], ps.w[1]}, bar_red_or(kBarConvert, kWgThreads, mine)};
+  const uint32_t b[4] = {fp8_detail::bf16_bits(__uint_as_float(v.x)),
+                         fp8_detail::bf16_bits(__uint_as_float(v.y)),
+                         fp8_detail::bf16_bits(__uint_as_float(v.z)),
+                         fp8_detail::bf16_bits(__uint_as_float(v.w))};
+  const bool mine = fp8_detail::needs_twice(b[0]) || fp8_detail::needs_twice(b[1]) ||
+                    fp8_detail::needs_twice(b[2]) || fp8_detail::needs_twice(b[3]);
+  return {{b[0] | (b[1] << 16), b[2] | (b[3] << 16)}, bar_red_or(kBarConvert, kWgThreads, mine)};
 }
 __device__ __forceinline__ uint32_t block_scale_bits(const PackedScales& ps, int j) {
   return (ps.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
@@ -433,8 +433,8 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
   constexpr bool kScaled = F == KvFormat::kFp8WithScale;
   const int t = threadIdx.x - 2 * kWgThreads, r = t & 63, h = t >> 6;
   uint32_t fills0 = 0, fills1 = 0;  // loads into K0 / K1 so far (their barriers' phase count)
-  // Addresses from the smem struct at each (constant) buffer index: offsets from one base
-  // register, where a PageLoader would hold four more of the converter's 40.
+  // Addresses come from the smem struct (offsets from one base register), where a PageLoader
+  // would hold four more of the converter's 40.
   auto bar = [&](int buf, int slot) { return smem_addr(&sm.tile_bar[buf][slot]); };
   auto rope = [&](int buf, uint32_t parity) {
     mbar_wait(bar(buf, kRawRope), parity);

@@ -2,7 +2,7 @@
 //
 // Exact: the e4m3 bits move into a bf16 whose value is the e4m3 value times 2^-120 (zero,
 // subnormals and normals alike), then one bf16 multiply by 2^120 * scale, exact for power-of-two
-// scales and for 1 (see ScaleFactor for the rest). NaN codes (0x7F, 0xFF) decode as
+// scales and for 1 (see scale_factor for the rest). NaN codes (0x7F, 0xFF) decode as
 // +-480 instead of NaN: no valid quantized value uses them.
 #pragma once
 
