@@ -165,7 +165,8 @@ mlir.register_lowering(decode_p, _decode_cuda_lowering, platform="cuda")
 
 # FP8 KV caches (issue 5): same contract, the cache in one of _checks.KV_LAYOUTS' FP8 layouts
 # plus a float32 scalar kv_scale operand for "fp8_per_tensor". Runs through the reference on CPU
-# and through csrc/kernels/decode_pipelined.cu on CUDA.
+# and through csrc/kernels/decode_narrow.cu (up to 16 query rows per KV head) or
+# csrc/kernels/decode_pipelined.cu on CUDA.
 decode_fp8_p = Primitive("jax_flashmla_decode_fp8")
 decode_fp8_p.multiple_results = True
 decode_fp8_p.def_impl(functools.partial(xla.apply_primitive, decode_fp8_p))

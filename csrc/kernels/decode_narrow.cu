@@ -70,7 +70,7 @@ struct Stage<KvFormat::kNative> {
 template <>
 struct Stage<KvFormat::kFp8WithScale> {
   static constexpr int kRope = 4 * kTileBytes, kScales = 5 * kTileBytes;
-  static constexpr int kBytes = kScales + kPageSize * 16, kCount = 4;
+  static constexpr int kBytes = kScales + kPageSize * kFp8ScaleBytes, kCount = 4;
 };
 template <>
 struct Stage<KvFormat::kFp8PerTensor> {
@@ -425,9 +425,9 @@ __device__ __forceinline__ void produce(const DecodeParams& p, NarrowSmem<F, N>&
           tma_load_tile(true, dst + t * kTileBytes, kmap, bar, t * 64, kvh, page, policy);
       } else {
         for (int j = 0; j < 4; ++j)
-          tma_load_tile(true, dst + j * kTileBytes, kmap, bar, j * 128, kvh, page, policy);
+          tma_load_tile(true, dst + j * kTileBytes, kmap, bar, j * kFp8BlockBytes, kvh, page, policy);
         if constexpr (F == KvFormat::kFp8WithScale) {
-          tma_load_tile(true, dst + Stage<F>::kRope, kmap, bar, kHeadDimV + 16, kvh, page, policy);
+          tma_load_tile(true, dst + Stage<F>::kRope, kmap, bar, kWsRopeByte, kvh, page, policy);
           tma_load_tile(true, dst + Stage<F>::kScales, aux_map, bar, kHeadDimV, kvh, page, policy);
         } else {
           tma_load_tile(true, dst + Stage<F>::kRope, aux_map, bar, kHeadDimV, kvh, page, policy);
@@ -841,19 +841,11 @@ cudaError_t prepare_narrow_fp8() {
 }
 
 cudaError_t launch_narrow_fp8(const DecodeFp8Params& fp, Fp8Layout layout, cudaStream_t stream) {
-  // Raw blocks: 128 bytes x 64 keys, 128-byte swizzled (with scale, the bf16 RoPE through the same
-  // map lands as a bf16 tile). Second map: with scale the 16 bytes of scales, per tensor the 64
-  // bytes of e4m3 RoPE, both unswizzled.
   const bool ws = layout == Fp8Layout::kWithScale;
-  const int row = ws ? kFp8WithScaleBytes : kFp8PerTensorBytes;
   CUtensorMap map, aux;
-  CUresult r = encode_cache_map(&map, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row, 128,
-                                CU_TENSOR_MAP_SWIZZLE_128B);
-  if (r == CUDA_SUCCESS) {
-    r = encode_cache_map(&aux, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row, ws ? 16 : 64,
-                         CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (const CUresult r = encode_fp8_cache_maps(&map, &aux, fp.base, layout); r != CUDA_SUCCESS) {
+    return tensor_map_error(r);
   }
-  if (r != CUDA_SUCCESS) return tensor_map_error(r);
   return ws ? launch_rows<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, aux, nullptr,
                                                                   stream)
             : launch_rows<__nv_bfloat16, KvFormat::kFp8PerTensor>(fp.base, map, aux, fp.kv_scale,

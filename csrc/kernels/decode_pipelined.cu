@@ -87,13 +87,11 @@ constexpr bool kQRopeInRegs = !kIsFp8<F>;
 // 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE, 5-9 the same converted ("ready").
 constexpr int kBarsPerBuf = 10;
 constexpr int kRawRope = 4, kReady = 5;
-constexpr int kFp8BlockBytes = 128;  // e4m3 channels per raw block = one tile's bytes per row
-constexpr int kWsRopeByte = 528;     // with scale: where a token's bf16 RoPE starts
 // With scale, a page's 64 x 16 bytes of float32 scales (unswizzled, 16 bytes per token) arrive by
 // TMA with the first raw block the converter takes from the buffer (K0: block 0, K1: block 2; see
 // convert_pages) and land in that block's even tile slot, which nothing reads until the
 // converter writes it: the converter reads them there, then overwrites the slot.
-constexpr int kScalesBoxBytes = kPageSize * 4 * (int)sizeof(float);
+constexpr int kScalesBoxBytes = kPageSize * kFp8ScaleBytes;
 __host__ __device__ constexpr int scales_block(int buf) { return buf == 0 ? 0 : 2; }
 
 #ifdef JFM_TRACE
@@ -817,20 +815,13 @@ cudaError_t prepare_decode_fp8() {
 
 cudaError_t launch_decode_fp8(const DecodeFp8Params& fp, Fp8Layout layout,
                               cudaStream_t stream) {
-  // Raw blocks: 128 bytes x 64 tokens, 128-byte swizzled like a bf16 tile (with scale, the bf16
-  // RoPE bytes through the same map land exactly as a bf16 tile). The second map, unswizzled:
-  // per tensor the 64 raw RoPE bytes of each token, with scale its 16 bytes of scales.
+  // Raw blocks (kFp8BlockBytes e4m3 channels each = one bf16 tile's bytes per row) and, in the
+  // second map, the per-tensor RoPE or the with-scale scales.
   const bool ws = layout == Fp8Layout::kWithScale;
-  const int row = ws ? kFp8WithScaleBytes : kFp8PerTensorBytes;
   CUtensorMap map, rope;
-  CUresult r = encode_cache_map(&map, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
-                                kFp8BlockBytes, CU_TENSOR_MAP_SWIZZLE_128B);
-  if (r == CUDA_SUCCESS) {
-    r = encode_cache_map(&rope, fp.base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
-                         ws ? kScalesBoxBytes / kPageSize : kHeadDimQK - kHeadDimV,
-                         CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (const CUresult r = encode_fp8_cache_maps(&map, &rope, fp.base, layout); r != CUDA_SUCCESS) {
+    return tensor_map_error(r);
   }
-  if (r != CUDA_SUCCESS) return tensor_map_error(r);
   return ws ? launch_kernel<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, rope, nullptr,
                                                                     stream)
             : launch_kernel<__nv_bfloat16, KvFormat::kFp8PerTensor>(fp.base, map, rope,

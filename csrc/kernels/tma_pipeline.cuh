@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "kernels/decode_fp8.h"
 #include "kernels/mla.h"
 
 namespace jfm {
@@ -106,6 +107,24 @@ inline CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtens
   return encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
+// An FP8 cache as both FP8 kernels read it: `blocks`, boxes of kFp8BlockBytes e4m3 bytes x 64
+// tokens, 128-byte swizzled like a bf16 tile (with scale, the bf16 RoPE's 128 bytes through it land
+// exactly as a bf16 tile); `aux`, unswizzled: with scale each token's kFp8ScaleBytes of float32
+// scales, per tensor its 64 e4m3 RoPE bytes.
+constexpr int kFp8BlockBytes = 128;
+constexpr int kFp8ScaleBytes = 4 * (int)sizeof(float);
+constexpr int kWsRopeByte = kHeadDimV + kFp8ScaleBytes;  // with scale: where a token's RoPE starts
+inline CUresult encode_fp8_cache_maps(CUtensorMap* blocks, CUtensorMap* aux, const DecodeParams& p,
+                                      Fp8Layout layout) {
+  const bool ws = layout == Fp8Layout::kWithScale;
+  const int row = ws ? kFp8WithScaleBytes : kFp8PerTensorBytes;
+  const CUresult r = encode_cache_map(blocks, p, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
+                                      kFp8BlockBytes, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (r != CUDA_SUCCESS) return r;
+  return encode_cache_map(aux, p, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
+                          ws ? kFp8ScaleBytes : kHeadDimQK - kHeadDimV, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
 // A failed encode_cache_map as the launchers report it: no driver entry point -> not supported,
