@@ -23,8 +23,7 @@
 //   K1 tiles 4-7 (V_R of b + 1) WG1's PV(P1)                   -> refilled by WG1 after that PV
 // P0 has its own tile (sp0); P1 takes Q's RoPE tile, which both warpgroups hold in registers from
 // the start of a request (QK^T's tile 8 is an RS wgmma, as in FlashMLA). QK^T consumes tiles as
-// they land, those refilled first first. (FP8 MMA warpgroups lack the registers: there P1 goes
-// over K1's RoPE tile, refilled after both PVs of P1; see kQRopeInRegs.)
+// they land, those refilled first first.
 // Out-of-range page ids become out-of-bounds TMA coordinates, which TMA fills with zeros; rows
 // at or past seqlen of a partial last page are zeroed in smem before PV (garbage / NaN must not
 // reach P * V; their logits are masked by selection).
@@ -38,9 +37,9 @@
 // fences and arrives on the block's "ready" mbarrier, which is what the MMA warpgroups wait on
 // instead of the TMA barrier. Blocks are converted in the order their raw loads are issued.
 // With scale, each page's scales come by TMA with its first converted block (kScalesBoxBytes).
-// setmaxnreg gives the MMA warpgroups 232 registers and the converter 40 (with scale, ptxas keeps
-// a few loop-invariant shared-memory addresses of the converter in local memory, reloaded per
-// block from L1).
+// setmaxnreg gives the MMA warpgroups 232 registers and the converter 40; the MMA warpgroups
+// keep Q's RoPE in registers as for bf16, at the cost of a few words ptxas spills in each
+// request's prologue and epilogue (none in the pair loop).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -65,7 +64,7 @@ using namespace decode_detail;
 constexpr int kBarS0 = 1;       // WG0 -> WG1: P0, M0, s0 published
 constexpr int kBarS1 = 2;       // WG1 -> WG0: P1, M1, s1 published
 constexpr int kBarP0Free = 3;   // WG1 -> WG0: WG1's PV(P0) retired, sp0 may be rewritten
-constexpr int kBarP1Free = 4;   // WG0 -> WG1: WG0's PV(P1) retired, K1 tile 8 may be refilled
+constexpr int kBarP1Free = 4;   // WG0 -> WG1: WG0's PV(P1) retired, sp1 may be rewritten
 constexpr int kBarWgBase = 5;   // 5 + wg: one warpgroup only (128)
 constexpr int kBarP0Ready = 7;  // WG0 -> WG1: P0 * s1 is in sp0
 constexpr int kBarMma = 8;      // both MMA warpgroups (the converter does not take part)
@@ -77,12 +76,6 @@ template <KvFormat F>
 constexpr bool kIsFp8 = F != KvFormat::kNative;
 template <KvFormat F>
 constexpr int kKernelThreads = kIsFp8<F> ? 3 * kWgThreads : 2 * kWgThreads;
-// Native caches keep Q's RoPE tile in registers (QK^T's tile 8 is an RS wgmma) and put P1 in
-// its shared memory, so K1's RoPE tile is refilled at pair start like K0's. The FP8 MMA
-// warpgroups (232 registers) cannot spare the 16 registers: P1 stays in K1's RoPE tile, which is
-// refilled only after both PVs of P1.
-template <KvFormat F>
-constexpr bool kQRopeInRegs = !kIsFp8<F>;
 // Barrier slots per buffer. Native: 0-8 one per tile. FP8: 0-3 raw e4m3 block j (channels
 // 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE, 5-9 the same converted ("ready").
 constexpr int kBarsPerBuf = 10;
@@ -207,13 +200,12 @@ struct PageLoader {
 };
 
 // Order in which warpgroup kWg consumes the tiles of its page: those refilled earliest first.
-// K0's RoPE tile is refilled at pair start (QK^T(b) is its only reader), and so is K1's when P1
-// does not live there (kRopeFirst); WG0 refills K0's V_L (tiles 0-3) itself, WG1 K1's V_R.
-template <int kWg, bool kRopeFirst>
+// Both RoPE tiles are refilled at pair start (QK^T is their only reader); WG0 refills K0's V_L
+// (tiles 0-3) itself, WG1 K1's V_R (tiles 4-7).
+template <int kWg>
 __device__ __forceinline__ constexpr int tile_order(int i) {
   if (kWg == 0) return (i + 8) % kTiles;
-  if (kRopeFirst) return i == 0 ? 8 : (i < 5 ? i + 3 : i - 5);
-  return i < 4 ? i + 4 : (i < 8 ? i - 4 : 8);
+  return i == 0 ? 8 : (i < 5 ? i + 3 : i - 5);
 }
 
 // P as wgmma A fragments (wgmma_rs.cuh): pf[kk] covers keys 16kk..16kk+15, i.e. the
@@ -277,7 +269,7 @@ __device__ __forceinline__ void load_q_rope(const T* sq, uint32_t (&rq)[4][4], i
 
 // Issues S = Q K^T over the page in buffer `buf`, each tile's MMAs as soon as its load lands
 // (tile 8 with Q's RoPE from registers); one commit group, not waited for.
-template <typename T, int kWg, bool kRegRope, class Loader>
+template <typename T, int kWg, class Loader>
 __device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const uint32_t (&rq)[4][4],
                                          const Loader& ld, int buf, uint32_t parity) {
   float (&sf)[32] = reinterpret_cast<float(&)[32]>(s);
@@ -287,13 +279,13 @@ __device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const ui
   fence_regs(sf);
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
-    const int t = tile_order<kWg, kRegRope>(i);
+    const int t = tile_order<kWg>(i);
     ld.wait(buf, t, parity);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t off = t * kColBlockBytes + kk * 32;
-      if (kRegRope && t == kTiles - 1) {
+      if (t == kTiles - 1) {
         wgmma_rs_m64n64k16<T>(sf, rq[kk], smem_desc(k_base + off, 16, 1024));
       } else {
         MmaOp<T>::qk(sf, smem_desc(q_base + off, 16, 1024), smem_desc(k_base + off, 16, 1024), 1);
@@ -303,11 +295,11 @@ __device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const ui
   wgmma_commit();
 }
 
-template <typename T, int kWg, bool kRegRope, class Loader>
+template <typename T, int kWg, class Loader>
 __device__ __forceinline__ void qk_pipelined(float (&s)[8][4], const T* sq,
                                              const uint32_t (&rq)[4][4], const Loader& ld,
                                              int buf, uint32_t parity) {
-  qk_issue<T, kWg, kRegRope>(s, sq, rq, ld, buf, parity);
+  qk_issue<T, kWg>(s, sq, rq, ld, buf, parity);
   wgmma_wait_all();
   fence_regs(reinterpret_cast<float(&)[32]>(s));
 }
@@ -396,13 +388,14 @@ __device__ __forceinline__ void convert_rope(uint32_t buf, int r, int h) {
 }
 
 // With scale: token r's four scales as bf16 (fp8_detail::bf16_bits), two per word, from where the
-// TMA left them (kScalesBoxBytes at `slot`; zeros for an out-of-range page), read by every
-// converter thread before any overwrites the slot; `twice`: some scale of the page needs
-// fp8_detail's two-multiply form, so the whole page takes it (a converter-wide vote: the
-// conversion has barriers, so its variant must not diverge). A pair's scales take 4 of the
-// converter's 40 registers.
+// TMA left them (kScalesBoxBytes at `slot`; zeros for an out-of-range page); `twice`: some scale
+// of the page needs fp8_detail's two-multiply form, so the whole page takes it. The vote is a
+// converter-wide barrier (bar.red.or), which also orders every thread's read of the slot before
+// any thread's conversion overwrites it. A pair's scales take 6 of the converter's 40
+// registers; they are selected per block by value (a reference to one of two structs put both in
+// local memory).
 struct PackedScales {
-  uint32_t w[2];
+  uint32_t w0, w1;
   bool twice;
 };
 __device__ __forceinline__ PackedScales read_scales(uint32_t slot, int r) {
@@ -413,17 +406,18 @@ __device__ __forceinline__ PackedScales read_scales(uint32_t slot, int r) {
                          fp8_detail::bf16_bits(__uint_as_float(v.w))};
   const bool mine = fp8_detail::needs_twice(b[0]) || fp8_detail::needs_twice(b[1]) ||
                     fp8_detail::needs_twice(b[2]) || fp8_detail::needs_twice(b[3]);
-  return {{b[0] | (b[1] << 16), b[2] | (b[3] << 16)}, bar_red_or(kBarConvert, kWgThreads, mine)};
+  return {b[0] | (b[1] << 16), b[2] | (b[3] << 16), bar_red_or(kBarConvert, kWgThreads, mine)};
 }
 __device__ __forceinline__ uint32_t block_scale_bits(const PackedScales& ps, int j) {
-  return (ps.w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu;
+  const uint32_t w = (j & 2) ? ps.w1 : ps.w0;
+  return (j & 1) ? w >> 16 : w & 0xFFFFu;
 }
 
 // The converter's loop: the same requests and pages as the MMA warpgroups, a pair (b in K0,
-// b + 1 in K1) at a time, blocks in the order their raw loads are issued: K0's RoPE (pair start),
-// K0 0-1 (after WG0's PV(P0)), K1 2-3 (after WG1's PV(P1)), K0 2-3 (after WG1's PV(P0)), K1 0-1
-// (after WG0's PV(P1)), K1's RoPE (after both PV(P1)). That is also the order the next QK^Ts need
-// them in (WG0: tiles 8, 0-7 of K0; WG1: 4-7, 0-3, 8 of K1).
+// b + 1 in K1) at a time, blocks in the order their raw loads are issued: K0's and K1's RoPE
+// (pair start), K0 0-1 (after WG0's PV(P0)), K1 2-3 (after WG1's PV(P1)), K0 2-3 (after WG1's
+// PV(P0)), K1 0-1 (after WG0's PV(P1)). That is also the order the next QK^Ts need them in (WG0:
+// tiles 8, 0-7 of K0; WG1: 8, 4-7, 0-3 of K1).
 template <KvFormat F>
 __device__ __forceinline__ void convert_pages(const DecodeParams& p,
                                               PipelinedSmem<__nv_bfloat16>& sm, const int32_t* md,
@@ -447,7 +441,7 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
       const bool has1 = b + 1 < pc.end;
       const uint32_t par0 = fills0 & 1, par1 = fills1 & 1;
       // With scale: each page's scales arrive with the first block taken from its buffer.
-      PackedScales s0{{0u, 0u}, false}, s1 = s0;
+      PackedScales s0{0u, 0u, false}, s1 = s0;
       auto scales = [&](int buf, uint32_t parity) {
         const int j = scales_block(buf);
         mbar_wait(bar(buf, j), parity);
@@ -455,6 +449,7 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
       };
       if (kScaled) s0 = scales(0, par0);
       if (!kScaled) rope(0, par0);
+      if (!kScaled && has1) rope(1, par1);
       // Step k converts block j of buffer buf: (0,0) (0,1) (1,2) (1,3) (0,2) (0,3) (1,0) (1,1).
       // A loop, not unrolled: one copy of the conversion code (the kernel's code is larger than
       // the instruction cache) and no per-block address constants held in the 40 registers.
@@ -463,10 +458,11 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
         const int buf = (k >> 1) & 1, j = (k & 1) + 2 * ((k >> 2) ^ buf);
         if (buf == 1 && !has1) continue;
         if (kScaled && k == 2) s1 = scales(1, par1);
-        const PackedScales& ps = buf ? s1 : s0;
         mbar_wait(bar(buf, j), buf ? par1 : par0);
-        const uint32_t sb = block_scale_bits(ps, j), tiles = smem_addr(sm.k[buf]);
-        if (kScaled && ps.twice) {
+        const uint32_t sb = buf ? block_scale_bits(s1, j) : block_scale_bits(s0, j);
+        const bool twice = buf ? s1.twice : s0.twice;
+        const uint32_t tiles = smem_addr(sm.k[buf]);
+        if (kScaled && twice) {
           convert_block<kScaled, true>(tiles, j, fp8_detail::scale_factor<true>(sb), r, h);
         } else {
           convert_block<kScaled, false>(tiles, j, fp8_detail::scale_factor<false>(sb), r, h);
@@ -474,7 +470,6 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
         fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
         mbar_arrive(bar(buf, kReady + j));
       }
-      if (!kScaled && has1) rope(1, par1);
       ++fills0;
       fills1 += has1 ? 1 : 0;
     }
@@ -549,11 +544,9 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
     for (int j = 0; j < 32; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m_lo = kMaxInit, m_hi = kMaxInit, l_lo = 0.f, l_hi = 0.f;
     float s[8][4];
-    constexpr bool kRegRope = kQRopeInRegs<F>;
-    uint32_t rq[4][4];  // Q's RoPE tile as A fragments (tile 8 of QK^T), if kRegRope
+    uint32_t rq[4][4];  // Q's RoPE tile as A fragments (tile 8 of QK^T)
     uint32_t pf[4][4];  // WG0's P0 as A fragments (its own PV)
-    // P1: where Q's RoPE tile was (rq holds that), else over K1's RoPE tile.
-    T* const sp1 = kRegRope ? sm.q + kPTileElem : sm.k[1] + kPTileElem;
+    T* const sp1 = sm.q + kPTileElem;  // P1: where Q's RoPE tile was (rq holds that)
 
     if (pc.start < pc.end) {
       ld.skip_waits = false;
@@ -564,15 +557,13 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
       cp_async_wait<0>();
       fence_proxy_async();
       bar_sync(kBarMma, 2 * kWgThreads);
-      if constexpr (kRegRope) {
-        // Both warpgroups read Q's RoPE before WG1 writes P1 over it (after S0, which WG0
-        // signals after this).
-        load_q_rope<T>(sm.q, rq, r_lo, r_hi);
-      }
+      // Both warpgroups read Q's RoPE before WG1 writes P1 over it (after S0, which WG0
+      // signals after this).
+      load_q_rope<T>(sm.q, rq, r_lo, r_hi);
       if (wg == 0) {
-        qk_pipelined<T, 0, kRegRope>(s, sm.q, rq, ld, 0, fills[0] & 1);
+        qk_pipelined<T, 0>(s, sm.q, rq, ld, 0, fills[0] & 1);
       } else if (pc.start + 1 < pc.end) {
-        qk_pipelined<T, 1, kRegRope>(s, sm.q, rq, ld, 1, fills[1] & 1);
+        qk_pipelined<T, 1>(s, sm.q, rq, ld, 1, fills[1] & 1);
       }
     }
 
@@ -659,12 +650,12 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         if (has2) {
           ld.skip_waits = !refills;
           JFM_STAMP(7);
-          qk_pipelined<T, 0, kRegRope>(s, sm.q, rq, ld, 0, par0 ^ 1);
+          qk_pipelined<T, 0>(s, sm.q, rq, ld, 0, par0 ^ 1);
           JFM_STAMP(8);
         }
       } else {
         JFM_STAMP(0);
-        if (kRegRope && has3) ld.issue(issuer && refills, 1, page3, 8, 9);  // QK^T(b + 1) is done
+        if (has3) ld.issue(issuer && refills, 1, page3, 8, 9);  // QK^T(b + 1) is done
         bar_sync(kBarS0, kThreads);
         JFM_STAMP(1);
         const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
@@ -679,7 +670,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           exp_rows(s, scale_log2, new_lo, new_hi, sum_lo, sum_hi);
           pack_p<T>(s, 1.f, 1.f, pf);
           // In Q's RoPE tile, the last P1 may still be read by WG0's PV.
-          if (kRegRope && b > pc.start) bar_sync(kBarP1Free, kThreads);
+          if (b > pc.start) bar_sync(kBarP1Free, kThreads);
           store_p<T>(pf, sp1, r_lo, r_hi);
         }
         fetch_next_pages();
@@ -727,13 +718,9 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           ld.issue(issuer && refills, 0, page2, 4, 8);
         }
         if (has3) {
-          if (!kRegRope) {
-            bar_sync(kBarP1Free, kThreads);  // WG0 no longer reads P1 in K1's RoPE tile
-            ld.issue(issuer && refills, 1, page3, 8, 9);
-          }
           JFM_STAMP(6);
           ld.skip_waits = !refills;
-          qk_pipelined<T, 1, kRegRope>(s, sm.q, rq, ld, 1, par1 ^ 1);
+          qk_pipelined<T, 1>(s, sm.q, rq, ld, 1, par1 ^ 1);
           JFM_STAMP(7);
         }
       }

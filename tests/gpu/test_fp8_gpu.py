@@ -217,6 +217,34 @@ def test_fp8_long_split_request():
         check_fp8(q, cache, orig, bt, sl, False, layout, f"{layout} one 20000-token request")
 
 
+@pytest.mark.parametrize("h_q", [16, 64])
+def test_fp8_with_scale_mixed_factor_forms(h_q):
+    """A scale of 2^8 (which the v4 converter applies in two multiplies) on rows 0-11 of every page,
+    small ones elsewhere: the rows with small scales take the two-multiply form too. h_q=16 runs
+    the narrow kernel, 64 the v4 kernel with the converter."""
+    layout = "fp8_with_scale"
+    cache, _, bt, sl = make_fp8_merged(_seed("mixed forms"), ((4, 700, False, 0.0),), 1, 1, layout)
+    c = np.array(cache)                                                  # [pages, 64, 1, 656]
+    # Channels 384..511 of those rows: subnormal codes (|value| <= 7 * 2^-9) times 2^8, so the
+    # values stay small enough (<= 3.5) for the usual tolerances.
+    rng = np.random.default_rng(_seed("mixed forms codes"))
+    shape = c[:, :12, :, 384:512].shape
+    c[:, :12, :, 384:512] = (rng.integers(0, 8, shape) | (rng.integers(0, 2, shape) << 7)).astype(np.uint8)
+    scales = np.ascontiguousarray(c[..., 512:528]).view(np.float32)      # [pages, 64, 1, 4]
+    scales[:, :12, :, 3] = 2.0 ** 8
+    c[..., 512:528] = scales.view(np.uint8)
+    cache = jnp.asarray(c)
+    q = make_q(_seed("mixed forms q", h_q), sl.shape[0], 1, h_q)
+    q = q.at[..., 384:512].multiply(jnp.bfloat16(2.0 ** -5))             # moderate logits
+    kv_scale = jnp.float32(KV_SCALE)
+    out, lse = jax.block_until_ready(decode_fp8(q, cache, bt, sl, kv_scale, False, layout))
+    ref_out, ref_lse = reference_fp8(q, cache, bt, sl, kv_scale, False, layout)
+    assert_close_device(out, ref_out, name=f"mixed forms h_q={h_q} out", **SPARSE_OUT_TOL)
+    check_close(np.asarray(lse), np.asarray(ref_lse), name=f"mixed forms h_q={h_q} lse", **LSE_TOL)
+    # The big scales are in effect (~0.11 there; <= 0.016 in the other channels).
+    assert float(jnp.max(jnp.abs(ref_out[..., 384:512].astype(jnp.float32)))) > 0.05
+
+
 # --------------------------------------------------------------------------------------------
 # Dequantization is exact: every non-NaN e4m3 code, power-of-two scales across the range
 # --------------------------------------------------------------------------------------------
