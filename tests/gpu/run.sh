@@ -2,7 +2,7 @@
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
-#                    [racecheck] [ncu] [wgmma-rate] [trace]
+#                    [racecheck] [ncu] [wgmma-rate] [trace] [build-exp]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -40,6 +40,15 @@ if want build; then
     note "sass: HGMMA=$(grep -c HGMMA "$OUT/kernels.sass") HMMA=$(grep -c ' HMMA' "$OUT/kernels.sass") local-mem LDL/STL=$(grep -c -E 'LDL|STL' "$OUT/kernels.sass")"
   fi
   python3 -c "import jax, jax_flashmla as f; print('jax', jax.__version__, f.build_info(), jax.devices())"
+fi
+
+if want build-exp; then  # the same package built with experiment macros (EXP_FLAGS, e.g. -DJFM_EXP_X)
+  t0=$(date +%s)
+  CMAKE_ARGS="'-DCMAKE_CUDA_FLAGS=${EXP_FLAGS:?EXP_FLAGS names the macros}'" python3 -m pip install \
+    --no-build-isolation --no-deps --config-settings=build-dir=build/exp${BUILD_EXP_TAG:+_$BUILD_EXP_TAG} -v . > "$OUT/build_exp.log" 2>&1 \
+    || { tail -30 "$OUT/build_exp.log"; note "build-exp: FAILED"; cat "$SUMMARY"; exit 1; }
+  note "build-exp ($EXP_FLAGS): ok ($(( $(date +%s) - t0 )) s)"
+  grep -E "spill" "$OUT/build_exp.log" | sort | uniq -c | head -8
 fi
 
 if want smoke; then  # a few grid cases, time-limited: a hang or wrong result shows up in seconds
@@ -88,7 +97,7 @@ if want sanitize || want sanitize-fp8; then  # the FP8 KV-cache kernels (issue 5
   # (dmesg: inside compute-sanitizer) on the two long with-scale cases every time; without it
   # they run to the end with 0 errors (an error is still reported, only without a host stack).
   : > "$OUT/sanitize_fp8.log"; rc=0
-  for c in $(seq 0 $(( $(grep -c '^    ("fp8_' tests/gpu/fp8_sanitize_cases.py) - 1 ))); do
+  for c in ${SANITIZE_FP8_CASES:-$(seq 0 $(( $(grep -c '^    ("fp8_' tests/gpu/fp8_sanitize_cases.py) - 1 )))}; do
     XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
       timeout 200 compute-sanitizer --tool memcheck --show-backtrace no --error-exitcode 3 --kernel-name kns=jfm \
       python3 tests/gpu/fp8_sanitize_cases.py $c >> "$OUT/sanitize_fp8.log" 2>&1 || rc=$?
@@ -97,14 +106,14 @@ if want sanitize || want sanitize-fp8; then  # the FP8 KV-cache kernels (issue 5
   note "memcheck (fp8): rc=$rc $(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitize_fp8.log") clean runs, $(grep -c SANITIZE_OK "$OUT/sanitize_fp8.log") ok-lines"
 fi
 
-if want racecheck; then  # shared-memory hazards of the narrow kernel (two consumer warpgroups)
+if want racecheck; then  # shared-memory hazards (default: the narrow kernel's two consumer warpgroups)
   XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
     timeout 200 compute-sanitizer --tool racecheck --racecheck-report hazard --show-backtrace no --error-exitcode 3 \
-    --kernel-name kns=narrow python3 tests/gpu/fp8_sanitize_cases.py ${RACECHECK_CASES:-2 6} \
+    --kernel-name kns=${RACECHECK_KERNEL:-narrow} python3 tests/gpu/fp8_sanitize_cases.py ${RACECHECK_CASES:-2 6} \
     > "$OUT/racecheck.log" 2>&1
   rc=$?
   grep -E "ok:|SUMMARY" "$OUT/racecheck.log" | tail -6
-  note "racecheck (fp8 narrow): rc=$rc $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1)"
+  note "racecheck (fp8 ${RACECHECK_KERNEL:-narrow}): rc=$rc $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1)"
 fi
 
 if want graphs; then
@@ -136,10 +145,14 @@ fi
 
 if want bench-fp8; then  # FP8 KV caches (both layouts) beside bf16 on the same cases
   cases=${BENCH_FP8_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=16384;s_q=1,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=16384"}
-  timeout 400 python3 -m jax_flashmla.bench --kv all --no-naive --cases "$cases" --json "$OUT/bench_fp8.json" \
-    > "$OUT/bench_fp8.log" 2>&1
-  note "bench (fp8): rc=$?"
-  tail -24 "$OUT/bench_fp8.log"
+  for t in ${BENCH_TUNINGS:-0}; do  # JAX_FLASHMLA_TUNING bit flags (decode_pipelined.cu)
+    JAX_FLASHMLA_TUNING=$t timeout 400 python3 -m jax_flashmla.bench --kv ${BENCH_FP8_KV:-all} --no-naive \
+      --cases "$cases" --json "$OUT/bench_fp8_$t.json" > "$OUT/bench_fp8_$t.log" 2>&1
+    note "bench (fp8, tuning $t${BUILD_EXP_TAG:+, $BUILD_EXP_TAG}): rc=$?"
+    grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+" "$OUT/bench_fp8_$t.log" \
+      | awk '{printf "  s_q=%s h_q=%s s_k=%s %s us %s TF %s GB/s %s %s\n", $2, $3, $5, $6, $7, $8, $(NF-1), $NF}' \
+      | tee -a "$SUMMARY"
+  done
 fi
 
 if want bench-variants; then  # the grid's corners under each back end (BENCH_KERNELS overrides)
