@@ -2,7 +2,7 @@
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
-#                    [racecheck] [ncu] [wgmma-rate] [trace] [build-exp]
+#                    [racecheck] [ncu] [wgmma-rate] [trace] [build-exp] [cluster-probe]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -179,6 +179,13 @@ if want ncu; then  # one decode launch per KV layout (NCU_KVS) under Nsight Comp
     note "ncu ($kv): rc=$?"
     grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Shared|Tensor|Stall|Issued|Eligible|Warp Cycles|L2 Hit|L1/TEX Hit|Registers|Executed Ipc|Local" "$OUT/ncu_$kv.log" | head -40
   done
+fi
+
+if want cluster-probe; then  # concurrent 2-CTA clusters of the paired FP8 kernel's shape
+  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O2 tests/gpu/cluster_probe.cu \
+    -o /tmp/cluster_probe > "$OUT/cluster_probe.log" 2>&1 && /tmp/cluster_probe >> "$OUT/cluster_probe.log" 2>&1
+  note "cluster-probe: rc=$?"
+  grep CLUSTER_PROBE "$OUT/cluster_probe.log" | tee -a "$SUMMARY"
 fi
 
 if want wgmma-rate; then  # wgmma shapes of the decode kernel in isolation (cycles per instruction)
