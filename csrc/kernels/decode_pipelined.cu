@@ -40,16 +40,6 @@
 // setmaxnreg gives the MMA warpgroups 232 registers and the converter 40; the MMA warpgroups
 // keep Q's RoPE in registers as for bf16, at the cost of a few words ptxas spills in each
 // request's prologue and epilogue (none in the pair loop).
-//
-// Paired (with scale, when m-blocks 2i and 2i + 1 read the same pages; see fp8_pairable): the two
-// CTAs of a 2-CTA cluster share each page's conversion (FlashMLA's crossover). Each loads only its
-// 32-token half of every raw block (and of the scales), converts it, and writes the bf16 rows to
-// its own tiles (then arrives on its "ready" barrier) and to the peer's by st.async, whose bytes
-// complete the transaction count of the peer's "ready" barrier (one converter thread of each CTA
-// adds the kTileBytes it expects from the peer to its own arrival). A converter may write a
-// peer's slot only once the peer's MMA warpgroups are done with it: the peer's issuing thread
-// arrives on this CTA's "peer free" barrier of that block where it issues the block's refill, and
-// the converter waits on it.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -87,13 +77,9 @@ constexpr bool kIsFp8 = F != KvFormat::kNative;
 template <KvFormat F>
 constexpr int kKernelThreads = kIsFp8<F> ? 3 * kWgThreads : 2 * kWgThreads;
 // Barrier slots per buffer. Native: 0-8 one per tile. FP8: 0-3 raw e4m3 block j (channels
-// 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE, 5-9 the same converted ("ready");
-// paired, 10-13: the peer has issued block j's refill, so its slot may be written ("peer free").
-constexpr int kBarsPerBuf = 14;
-constexpr int kRawRope = 4, kReady = 5, kPeerFree = 10;
-// Paired: CTA rank k of the cluster loads and converts tokens [32k, 32k + 32) of every page.
-constexpr int kHalfRows = kPageSize / 2;
-constexpr uint32_t kHalfBytes = kHalfRows * 128;  // of a tile (or raw block) slot
+// 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE, 5-9 the same converted ("ready").
+constexpr int kBarsPerBuf = 10;
+constexpr int kRawRope = 4, kReady = 5;
 // With scale, a page's 64 x 16 bytes of float32 scales (unswizzled, 16 bytes per token) arrive by
 // TMA with the first raw block the converter takes from the buffer (K0: block 0, K1: block 2; see
 // convert_pages) and land in that block's even tile slot, which nothing reads until the
@@ -121,12 +107,10 @@ struct PipelinedSmem {
 constexpr int kPipelinedSmemBytes = (int)sizeof(PipelinedSmem<__nv_bfloat16>) + kSmemAlign;
 static_assert(kPipelinedSmemBytes <= 232448, "exceeds the sm_90 per-block opt-in shared memory");
 
-// Experiment switches (DecodeParams::tuning, JAX_FLASHMLA_TUNING): 1 = after the first two pages
+// Experiment switch (DecodeParams::tuning, JAX_FLASHMLA_TUNING): 1 = after the first two pages
 // of a request, issue no refills and wait for none (wrong results; times the schedule without
-// load latency, to split compute/sync time from load time). 8 = never pair CTAs (FP8 with
-// scale runs unpaired everywhere; correct results, to time the pairing).
+// load latency, to split compute/sync time from load time).
 constexpr int kTuneNoLoads = 1;
-constexpr int kTuneUnpaired = 8;
 
 // Timeline probe (build with -DJFM_TRACE, tests/gpu/run.sh trace; never in a shipped build):
 // thread 0 of each MMA warpgroup of CTA (0, 0, 0) stamps the SM clock at fixed points of the
@@ -150,7 +134,7 @@ __device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, in
 #endif
 
 // Everything a warpgroup needs to issue and wait for page tiles.
-template <KvFormat F, bool kPaired>
+template <KvFormat F>
 struct PageLoader {
   const CUtensorMap* map;       // native: tiles; FP8: 128-byte raw blocks (and the ws RoPE)
   const CUtensorMap* rope_map;  // FP8 per tensor: the 64 raw RoPE bytes of each token;
@@ -173,39 +157,23 @@ struct PageLoader {
         tma_load_tile(pred, k_base[buf] + t * kTileBytes, map, bar(buf, t), t * 64, kvh, page, policy);
       }
     } else {
-      // Paired: this CTA's half of the tokens (the map's boxes are kHalfRows tall).
-      const uint32_t rank = kPaired ? cluster_ctarank() : 0u;
-      const int token = kHalfRows * rank;
-      const uint32_t half = kHalfBytes * rank;
-      constexpr uint32_t kBlockBytes = kPaired ? kTileBytes / 2 : kTileBytes;
-      constexpr uint32_t kScalesBytes = kPaired ? kScalesBoxBytes / 2 : kScalesBoxBytes;
       for (int j = t0 / 2; j < min(t1, 8) / 2; ++j) {
         // With scale, the page's scales come with the first block the converter takes from this
         // buffer, into that block's still-free even slot (see scales_block).
         const bool scales = F == KvFormat::kFp8WithScale && j == scales_block(buf);
-        mbar_expect_tx(pred, bar(buf, j), kBlockBytes + (scales ? kScalesBytes : 0));
-        tma_load_tile(pred, k_base[buf] + (2 * j + 1) * kTileBytes + half, map, bar(buf, j),
-                      j * kFp8BlockBytes, kvh, page, policy, token);
+        mbar_expect_tx(pred, bar(buf, j), kTileBytes + (scales ? kScalesBoxBytes : 0));
+        tma_load_tile(pred, k_base[buf] + (2 * j + 1) * kTileBytes, map, bar(buf, j),
+                      j * kFp8BlockBytes, kvh, page, policy);
         if (scales) {
-          tma_load_tile(pred, k_base[buf] + 2 * j * kTileBytes + half, rope_map, bar(buf, j),
-                        kHeadDimV, kvh, page, policy, token);
-        }
-        // This CTA is done with block j's slot: the peer's converter may write its half there.
-        if constexpr (kPaired) {
-          mbar_arrive_peer(pred, peer_smem_addr(bar(buf, kPeerFree + j), rank ^ 1u));
+          tma_load_tile(pred, k_base[buf] + 2 * j * kTileBytes, rope_map, bar(buf, j), kHeadDimV,
+                        kvh, page, policy);
         }
       }
       if (t1 == kTiles) {
         const uint32_t rope = k_base[buf] + 8 * kTileBytes;
         if constexpr (F == KvFormat::kFp8WithScale) {
           mbar_expect_tx(pred, bar(buf, kRawRope), kTileBytes);
-          if constexpr (kPaired) {  // both halves (the map's box is half a page)
-            tma_load_tile(pred, rope, map, bar(buf, kRawRope), kWsRopeByte, kvh, page, policy, 0);
-            tma_load_tile(pred, rope + kHalfBytes, map, bar(buf, kRawRope), kWsRopeByte, kvh, page,
-                          policy, kHalfRows);
-          } else {
-            tma_load_tile(pred, rope, map, bar(buf, kRawRope), kWsRopeByte, kvh, page, policy);
-          }
+          tma_load_tile(pred, rope, map, bar(buf, kRawRope), kWsRopeByte, kvh, page, policy);
         } else {
           mbar_expect_tx(pred, bar(buf, kRawRope), kTileBytes / 2);
           tma_load_tile(pred, rope + kTileBytes / 2, rope_map, bar(buf, kRawRope), kHeadDimV, kvh, page,
@@ -224,12 +192,7 @@ struct PageLoader {
     if constexpr (!kIsFp8<F>) {
       mbar_wait(bar(buf, t), parity);
     } else if (t < 8) {
-      // Paired, the peer's converter wrote half of the tile.
-      if constexpr (kPaired) {
-        mbar_wait_cluster(bar(buf, kReady + t / 2), parity);
-      } else {
-        mbar_wait(bar(buf, kReady + t / 2), parity);
-      }
+      mbar_wait(bar(buf, kReady + t / 2), parity);
     } else {
       mbar_wait(bar(buf, F == KvFormat::kFp8WithScale ? kRawRope : kReady + kRawRope), parity);
     }
@@ -405,33 +368,6 @@ __device__ __forceinline__ void convert_block(uint32_t buf, int j, uint32_t s, i
   convert_half<kScaled, kTwice>(raw_row, raw_row, 4 + 2 * h, 4 * h, s, r, true);
 }
 
-// Paired: this CTA's half of raw block j -> bf16 tiles 2j, 2j + 1 of both CTAs (`peer_delta`: the
-// peer's shared-memory window minus this one's; `peer_bar`: the peer's "ready" barrier of j). Thread (row r of the tile, quarter q) converts raw
-// chunks 2q, 2q + 1 of row r into half q & 1 of tile 2j + (q >> 1); the quarters q >= 2 overwrite
-// the raw row in place, and a row's four threads sit in one warp (lanes l, l + 8, l + 16, l + 24),
-// so a warp barrier orders the row's reads before those writes. A phase of 8 lanes covers 8
-// consecutive rows at one quarter: no bank conflicts.
-template <bool kTwice>
-__device__ __forceinline__ void convert_block_paired(uint32_t buf, int j, uint32_t s, int r, int q,
-                                                     uint32_t peer_delta, uint32_t peer_bar) {
-  const int sw = r & 7;
-  const uint32_t raw_row = buf + (2 * j + 1) * kTileBytes + r * 128;
-  const uint4 a = lds128(raw_row + (((2 * q) ^ sw) << 4));
-  const uint4 b = lds128(raw_row + (((2 * q + 1) ^ sw) << 4));
-  __syncwarp();
-  const uint32_t out_row = buf + (2 * j + (q >> 1)) * kTileBytes + r * 128;
-  const int k0 = 4 * (q & 1);
-  const uint32_t words[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t v[4];
-    fp8_detail::dequant8<true, kTwice>(words[2 * i], words[2 * i + 1], s, v);
-    const uint32_t at = out_row + (((k0 + i) ^ sw) << 4);
-    sts128(at, v);
-    sts128_peer_async(at + peer_delta, v, peer_bar);
-  }
-}
-
 // Per tensor: the raw RoPE (64 tokens x 64 e4m3, unswizzled 64-byte rows in the upper half of tile
 // slot 8) -> bf16 tile 8. Rows overlap across warps, so the whole converter reads, then syncs.
 __device__ __forceinline__ void convert_rope(uint32_t buf, int r, int h) {
@@ -482,21 +418,12 @@ __device__ __forceinline__ uint32_t block_scale_bits(const PackedScales& ps, int
 // (pair start), K0 0-1 (after WG0's PV(P0)), K1 2-3 (after WG1's PV(P1)), K0 2-3 (after WG1's
 // PV(P0)), K1 0-1 (after WG0's PV(P1)). That is also the order the next QK^Ts need them in (WG0:
 // tiles 8, 0-7 of K0; WG1: 8, 4-7, 0-3 of K1).
-// Paired (with scale only): each CTA converts its half of every block into both CTAs' tiles
-// (convert_block_paired), once the peer has issued that block's refill ("peer free").
-template <KvFormat F, bool kPaired>
+template <KvFormat F>
 __device__ __forceinline__ void convert_pages(const DecodeParams& p,
                                               PipelinedSmem<__nv_bfloat16>& sm, const int32_t* md,
                                               int begin_req, int end_req, int m0, int kvh) {
   constexpr bool kScaled = F == KvFormat::kFp8WithScale;
-  static_assert(kScaled || !kPaired, "pairing is for the with-scale layout only");
-  const int t = threadIdx.x - 2 * kWgThreads;
-  // Unpaired: thread (row r, half h). Paired: thread (row r of this CTA's half, quarter h).
-  const uint32_t rank = kPaired ? cluster_ctarank() : 0u;
-  const int r = kPaired ? kHalfRows * rank + 8 * (t >> 5) + (t & 7) : t & 63;
-  const int h = kPaired ? (t >> 3) & 3 : t >> 6;
-  const uint32_t base = smem_addr(&sm);
-  const uint32_t peer_delta = kPaired ? peer_smem_addr(base, rank ^ 1u) - base : 0u;
+  const int t = threadIdx.x - 2 * kWgThreads, r = t & 63, h = t >> 6;
   uint32_t fills0 = 0, fills1 = 0;  // loads into K0 / K1 so far (their barriers' phase count)
   // Addresses come from the smem struct (offsets from one base register), where a PageLoader
   // would hold four more of the converter's 40.
@@ -518,9 +445,7 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
       auto scales = [&](int buf, uint32_t parity) {
         const int j = scales_block(buf);
         mbar_wait(bar(buf, j), parity);
-        // Paired, this CTA's half of the scales sits at its half of the slot.
-        const uint32_t slot = smem_addr(sm.k[buf]) + 2 * j * kTileBytes + kHalfBytes * rank;
-        return read_scales(slot, r - kHalfRows * (int)rank);
+        return read_scales(smem_addr(sm.k[buf]) + 2 * j * kTileBytes, r);
       };
       if (kScaled) s0 = scales(0, par0);
       if (!kScaled) rope(0, par0);
@@ -533,29 +458,10 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
         const int buf = (k >> 1) & 1, j = (k & 1) + 2 * ((k >> 2) ^ buf);
         if (buf == 1 && !has1) continue;
         if (kScaled && k == 2) s1 = scales(1, par1);
-        const uint32_t parity = buf ? par1 : par0;
-        mbar_wait(bar(buf, j), parity);
+        mbar_wait(bar(buf, j), buf ? par1 : par0);
         const uint32_t sb = buf ? block_scale_bits(s1, j) : block_scale_bits(s0, j);
         const bool twice = buf ? s1.twice : s0.twice;
         const uint32_t tiles = smem_addr(sm.k[buf]);
-        if constexpr (kPaired) {
-#ifndef JFM_EXP_NO_FREE_WAIT  // timing experiment only: races with the peer's MMAs
-          mbar_wait_cluster(bar(buf, kPeerFree + j), parity);
-#endif
-          const uint32_t ready = bar(buf, kReady + j);
-          if (twice) {
-            convert_block_paired<true>(tiles, j, fp8_detail::scale_factor<true>(sb), r, h,
-                                       peer_delta, ready + peer_delta);
-          } else {
-            convert_block_paired<false>(tiles, j, fp8_detail::scale_factor<false>(sb), r, h,
-                                        peer_delta, ready + peer_delta);
-          }
-          fence_proxy_async();  // this CTA's MMA warpgroups read the tiles through the async proxy
-          // One thread's arrival also expects the peer's half (its st.async bytes).
-          mbar_expect_tx(t == 0, ready, kTileBytes);
-          if (t != 0) mbar_arrive(ready);
-          continue;
-        }
         if (kScaled && twice) {
           convert_block<kScaled, true>(tiles, j, fp8_detail::scale_factor<true>(sb), r, h);
         } else {
@@ -571,8 +477,7 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
 }
 
 // kv_scale: FP8 per tensor only (device scalar; logits and O are scaled by it, K is not).
-// kPaired: launched in clusters of 2 along x (see the file comment).
-template <typename T, KvFormat F, bool kPaired>
+template <typename T, KvFormat F>
 __global__ void __launch_bounds__(kKernelThreads<F>, 1)
     pipelined_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kmap,
                      const __grid_constant__ CUtensorMap rope_map, const float* kv_scale) {
@@ -595,7 +500,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
   const int r_lo = rg * 16 + lane / 4, r_hi = r_lo + 8;
   const bool quad_leader = lane % 4 == 0;
 
-  PageLoader<F, kPaired> ld;
+  PageLoader<F> ld;
   ld.map = &kmap;
   ld.rope_map = &rope_map;
   ld.k_base[0] = smem_addr(sm.k[0]);
@@ -609,26 +514,16 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
   const bool refills = kIsFp8<F> || !(p.tuning & kTuneNoLoads);
   if (threadIdx.x == 0) {
     for (int i = 0; i < 2 * kBarsPerBuf; ++i) {
-      // FP8 "ready" barriers take one arrival per converter thread (paired: and the peer's bytes);
-      // TMA barriers one expect_tx; "peer free" one arrival from the peer's issuing thread.
-      const int slot = i % kBarsPerBuf;
-      const bool ready = kIsFp8<F> && slot >= kReady && slot < kPeerFree;
-      mbar_init(ld.bar_base[0] + 8 * i, ready ? kWgThreads : 1);
+      // FP8 "ready" barriers take one arrival per converter thread; TMA barriers one expect_tx.
+      mbar_init(ld.bar_base[0] + 8 * i, kIsFp8<F> && i % kBarsPerBuf >= kReady ? kWgThreads : 1);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  // Paired, the peer arrives on this CTA's barriers: both CTAs' must be initialized first.
-  if constexpr (kPaired) {
-    cluster_sync();
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
   if constexpr (kIsFp8<F>) {
     if (wg == 2) {
       asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-      convert_pages<F, kPaired>(p, sm, md, begin_req, end_req, m0, kvh);
-      // Paired: neither CTA exits while the other may still access its shared memory.
-      if constexpr (kPaired) cluster_sync();
+      convert_pages<F>(p, sm, md, begin_req, end_req, m0, kvh);
       return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
@@ -849,7 +744,6 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
     store_result<T>(p, pc, o, L_lo, L_hi, m_lo, m_hi, req, kvh, m0, r_lo, r_hi, wg, wg == 0);
     bar_sync(kBarMma, 2 * kWgThreads);  // row sums and buffers are reused by the next request
   }
-  if constexpr (kPaired) cluster_sync();  // see the converter's
 #ifdef JFM_TRACE
   if (threadIdx.x == 0 && mb == 0 && kvh == 0 && part == 0 && atomicExch(&g_trace_printed, 1) == 0) {
     for (int w = 0; w < 2; ++w)
@@ -860,45 +754,19 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
 #endif
 }
 
-template <typename T, KvFormat F, bool kPaired = false>
+template <typename T, KvFormat F>
 cudaError_t launch_kernel(const DecodeParams& p, const CUtensorMap& map, const CUtensorMap& rope,
                           const float* kv_scale, cudaStream_t stream) {
   const dim3 grid((p.q_rows + kBlockM - 1) / kBlockM, p.h_kv, p.num_parts);
-  if constexpr (!kPaired) {
-    pipelined_kernel<T, F, false><<<grid, kKernelThreads<F>, kPipelinedSmemBytes, stream>>>(
-        p, map, rope, kv_scale);
-    return cudaGetLastError();
-  } else {
-    cudaLaunchAttribute cluster;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = 2;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(kKernelThreads<F>);
-    cfg.dynamicSmemBytes = kPipelinedSmemBytes;
-    cfg.stream = stream;
-    cfg.attrs = &cluster;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, pipelined_kernel<T, F, true>, p, map, rope, kv_scale);
-  }
+  pipelined_kernel<T, F><<<grid, kKernelThreads<F>, kPipelinedSmemBytes, stream>>>(p, map, rope,
+                                                                                   kv_scale);
+  return cudaGetLastError();
 }
 
-template <typename T, KvFormat F, bool kPaired = false>
+template <typename T, KvFormat F>
 cudaError_t set_smem(void) {
-  return cudaFuncSetAttribute(pipelined_kernel<T, F, kPaired>,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, kPipelinedSmemBytes);
-}
-
-// Whether m-blocks 2i and 2i + 1 read the same pages of every request (make_piece's range depends
-// on the m-block only through its last query token, under causal masking), so that they can share
-// the conversion: an even m-block count, and no causal mask, one query token, or each pair within
-// one token's rows.
-bool fp8_pairable(const DecodeParams& p) {
-  const int m_blocks = (p.q_rows + kBlockM - 1) / kBlockM;
-  return m_blocks % 2 == 0 && (!p.causal || p.s_q == 1 || p.ng % (2 * kBlockM) == 0) &&
-         !(p.tuning & kTuneUnpaired);
+  return cudaFuncSetAttribute(pipelined_kernel<T, F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              kPipelinedSmemBytes);
 }
 
 template <typename T>
@@ -929,10 +797,6 @@ cudaError_t prepare_decode_fp8() {
   if (cudaError_t err = set_smem<__nv_bfloat16, KvFormat::kFp8WithScale>(); err != cudaSuccess) {
     return err;
   }
-  if (cudaError_t err = set_smem<__nv_bfloat16, KvFormat::kFp8WithScale, true>();
-      err != cudaSuccess) {
-    return err;
-  }
   return set_smem<__nv_bfloat16, KvFormat::kFp8PerTensor>();
 }
 
@@ -941,16 +805,9 @@ cudaError_t launch_decode_fp8(const DecodeFp8Params& fp, Fp8Layout layout,
   // Raw blocks (kFp8BlockBytes e4m3 channels each = one bf16 tile's bytes per row) and, in the
   // second map, the per-tensor RoPE or the with-scale scales.
   const bool ws = layout == Fp8Layout::kWithScale;
-  const bool paired = ws && fp8_pairable(fp.base);
   CUtensorMap map, rope;
-  if (const CUresult r = encode_fp8_cache_maps(&map, &rope, fp.base, layout,
-                                               paired ? kHalfRows : kPageSize);
-      r != CUDA_SUCCESS) {
+  if (const CUresult r = encode_fp8_cache_maps(&map, &rope, fp.base, layout); r != CUDA_SUCCESS) {
     return tensor_map_error(r);
-  }
-  if (paired) {
-    return launch_kernel<__nv_bfloat16, KvFormat::kFp8WithScale, true>(fp.base, map, rope,
-                                                                       nullptr, stream);
   }
   return ws ? launch_kernel<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, rope, nullptr,
                                                                     stream)

@@ -47,59 +47,17 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   return policy;
 }
 
-// One box of a cache page (the 4-D map {576, 64, h_kv, pages}): a 64-column tile of its 64 tokens,
-// or of the tokens from `token` on when the map's box is shorter (the paired FP8 kernel's halves).
+// One 64-token x 64-column tile of a cache page (box of the 4-D map {576, 64, h_kv, pages}).
 __device__ __forceinline__ void tma_load_tile(bool pred, uint32_t dst, const CUtensorMap* map,
                                               uint32_t bar, int col, int kvh, int page,
-                                              uint64_t policy, int token = 0) {
+                                              uint64_t policy) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %8, 0;\n"
       "@p cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       ".L2::cache_hint [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n}\n"
-      :: "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(token), "r"(kvh),
+      :: "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(0), "r"(kvh),
          "r"(page), "l"(policy), "r"((int)pred)
       : "memory");
-}
-
-// ---- Thread-block clusters (the paired FP8 kernel: two CTAs share each page's conversion) ----
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// The address in CTA `rank`'s shared memory of what sits at `addr` in this CTA's.
-__device__ __forceinline__ uint32_t peer_smem_addr(uint32_t addr, uint32_t rank) {
-  uint32_t d;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(d) : "r"(addr), "r"(rank));
-  return d;
-}
-// Every thread of the cluster's CTAs; orders shared-memory accesses across them (release/acquire).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-// One arrival on a peer CTA's mbarrier (`bar` from peer_smem_addr); predicated like the TMA issue
-// helpers. Relaxed: it only says that this CTA's reads of a buffer have retired (as a TMA refill
-// after them does); release semantics would cost a GPU-scope MEMBAR in the issuing thread.
-__device__ __forceinline__ void mbar_arrive_peer(bool pred, uint32_t bar) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n"
-      "@p mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];\n}\n"
-      :: "r"(bar), "r"((int)pred) : "memory");
-}
-// mbar_wait for a barrier that a peer CTA's threads arrive on after writing this CTA's shared
-// memory: acquire at cluster scope.
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-#ifdef JFM_EXP_CTA_ACQUIRE  // timing experiment: no L1 invalidation (CCTL.IVALL) per wait
-  mbar_wait(bar, parity);
-  return;
-#endif
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  } while (!done);
 }
 
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
@@ -116,15 +74,6 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 __device__ __forceinline__ void sts128(uint32_t addr, const uint32_t (&v)[4]) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
                :: "r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]) : "memory");
-}
-// 16 bytes into a peer CTA's shared memory (`addr`, `bar` from peer_smem_addr) that complete 16
-// bytes of the transaction count of its mbarrier `bar` (st.async: no fence, no arrival; the
-// barrier's phase completes with release semantics at cluster scope once all bytes landed).
-__device__ __forceinline__ void sts128_peer_async(uint32_t addr, const uint32_t (&v)[4],
-                                                  uint32_t bar) {
-  asm volatile(
-      "st.async.weak.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n"
-      :: "r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"(bar) : "memory");
 }
 
 // cuTensorMapEncodeTiled from the driver the runtime already loaded (no -lcuda at link time).
@@ -148,10 +97,9 @@ inline EncodeTiledFn encode_tiled_fn() {
 }
 
 // A 4-D map {row bytes / elements, 64 tokens, h_kv, pages} of the cache with a box of `box_cols`
-// x `box_rows` tokens. Coordinates past any edge (a bad page id) read as zeros.
+// x 64 tokens. Coordinates past any edge (a bad page id) read as zeros.
 inline CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtensorMapDataType type,
-                                 int elem_bytes, int row_elems, int box_cols,
-                                 CUtensorMapSwizzle swizzle, int box_rows = kPageSize) {
+                          int elem_bytes, int row_elems, int box_cols, CUtensorMapSwizzle swizzle) {
   EncodeTiledFn encode = encode_tiled_fn();
   if (!encode) return CUDA_ERROR_NOT_SUPPORTED;
   const cuuint64_t dims[4] = {(cuuint64_t)row_elems, (cuuint64_t)kPageSize, (cuuint64_t)p.h_kv,
@@ -159,7 +107,7 @@ inline CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtens
   const cuuint64_t token_bytes = (cuuint64_t)p.h_kv * row_elems * elem_bytes;
   const cuuint64_t strides[3] = {token_bytes, (cuuint64_t)row_elems * elem_bytes,
                                  token_bytes * kPageSize};
-  const cuuint32_t box[4] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows, 1, 1};
+  const cuuint32_t box[4] = {(cuuint32_t)box_cols, (cuuint32_t)kPageSize, 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   return encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
@@ -173,17 +121,15 @@ inline CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtens
 constexpr int kFp8BlockBytes = 128;
 constexpr int kFp8ScaleBytes = 4 * (int)sizeof(float);
 constexpr int kWsRopeByte = kHeadDimV + kFp8ScaleBytes;  // with scale: where a token's RoPE starts
-// box_rows: tokens per box (the paired kernel loads half pages).
 inline CUresult encode_fp8_cache_maps(CUtensorMap* blocks, CUtensorMap* aux, const DecodeParams& p,
-                                      Fp8Layout layout, int box_rows = kPageSize) {
+                                      Fp8Layout layout) {
   const bool ws = layout == Fp8Layout::kWithScale;
   const int row = ws ? kFp8WithScaleBytes : kFp8PerTensorBytes;
   const CUresult r = encode_cache_map(blocks, p, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
-                                      kFp8BlockBytes, CU_TENSOR_MAP_SWIZZLE_128B, box_rows);
+                                      kFp8BlockBytes, CU_TENSOR_MAP_SWIZZLE_128B);
   if (r != CUDA_SUCCESS) return r;
   return encode_cache_map(aux, p, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
-                          ws ? kFp8ScaleBytes : kHeadDimQK - kHeadDimV, CU_TENSOR_MAP_SWIZZLE_NONE,
-                          box_rows);
+                          ws ? kFp8ScaleBytes : kHeadDimQK - kHeadDimV, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
 // A failed encode_cache_map as the launchers report it: no driver entry point -> not supported,

@@ -1,6 +1,7 @@
-// How many 2-CTA clusters of the paired FP8 decode's shape (384 threads, 227 KB of shared memory,
-// one CTA per SM) the device runs at once (tests/gpu/run.sh cluster-probe). A grid of
-// m-blocks x parts CTAs fills the SMs in one wave only if that count times 2 covers it.
+// How many clusters of 1, 2 and 4 CTAs of the decode kernels' shape (384 threads, 227 KB of shared
+// memory, one CTA per SM) the device runs at once (tests/gpu/run.sh cluster-probe). A grid of
+// m-blocks x parts CTAs in clusters fills the SMs in one wave only if that count covers it. Written
+// for the paired FP8 experiment (commit 0ba3cba, perf-notes v5.4); kept for cluster designs.
 #include <cstdio>
 #include <cuda_runtime.h>
 

@@ -181,7 +181,7 @@ if want ncu; then  # one decode launch per KV layout (NCU_KVS) under Nsight Comp
   done
 fi
 
-if want cluster-probe; then  # concurrent 2-CTA clusters of the paired FP8 kernel's shape
+if want cluster-probe; then  # concurrent clusters of 1, 2, 4 CTAs of the decode kernels' shape
   nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O2 tests/gpu/cluster_probe.cu \
     -o /tmp/cluster_probe > "$OUT/cluster_probe.log" 2>&1 && /tmp/cluster_probe >> "$OUT/cluster_probe.log" 2>&1
   note "cluster-probe: rc=$?"
