@@ -3,6 +3,7 @@
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
 #                    [racecheck] [ncu] [wgmma-rate] [trace] [build-exp] [cluster-probe]
+#                    [power]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -170,15 +171,27 @@ fi
 if want ncu; then  # one decode launch per KV layout (NCU_KVS) under Nsight Compute
   case=${NCU_CASE:-"b=128,s_q=2,h_q=128,s_k=4096"}
   for kv in ${NCU_KVS:-bf16}; do
-    timeout 300 ncu --target-processes all --kernel-name-base "${NCU_NAME_BASE:-function}" -k "regex:${NCU_KERNEL:-pipelined}" --launch-skip 2 --launch-count 1 \
+    # The bench runs a bf16 row before each FP8 row: pick the FP8 kernel by its mangled template
+    # argument (KvFormat 1 = with scale, 2 = per tensor) unless NCU_KERNEL says otherwise.
+    base=${NCU_NAME_BASE:-function}; kre=${NCU_KERNEL:-pipelined}
+    if [ -z "${NCU_KERNEL:-}" ] && [ "$kv" != bf16 ]; then
+      base=mangled; kre=$([ "$kv" = fp8_with_scale ] && echo KvFormatE1 || echo KvFormatE2)
+    fi
+    timeout 300 ncu --target-processes all --kernel-name-base "$base" -k "regex:$kre" --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
       --section InstructionStats \
       python3 -m jax_flashmla.bench --no-naive --kv "$kv" --reps 1 --target-ms 1 --cases "$case" \
       > "$OUT/ncu_$kv.log" 2>&1
     note "ncu ($kv): rc=$?"
-    grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Shared|Tensor|Stall|Issued|Eligible|Warp Cycles|L2 Hit|L1/TEX Hit|Registers|Executed Ipc|Local" "$OUT/ncu_$kv.log" | head -40
+    grep -E "Duration|Elapsed Cycles|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Shared|Tensor|Stall|Issued|Eligible|Warp Cycles|L2 Hit|L1/TEX Hit|Registers|Executed Ipc|Executed Instructions |Local" "$OUT/ncu_$kv.log" | head -40
   done
+fi
+
+if want power; then  # SM clock and board power while each KV layout's decode runs (power limit?)
+  timeout 300 python3 tests/gpu/power_probe.py > "$OUT/power.log" 2>&1
+  note "power: rc=$?"
+  grep POWER "$OUT/power.log" | tee -a "$SUMMARY"
 fi
 
 if want cluster-probe; then  # concurrent clusters of 1, 2, 4 CTAs of the decode kernels' shape
