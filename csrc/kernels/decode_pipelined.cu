@@ -342,30 +342,48 @@ __device__ __forceinline__ void zero_rows(T* buf, int t0, int valid, int wg_tid,
 // raw chunks 4 + 2h, 4 + 2h + 1 into tile 2j + 1, whose row r covers raw row r: all threads read
 // before any writes (the two halves of a row sit in different warps). A shared-memory phase is 8
 // consecutive rows, so the swizzle spreads its 8 accesses over 8 bank groups.
-template <bool kScaled, bool kTwice>
+// s: the bf16x2 factor of fp8_detail's one-multiply form (kScaled; per tensor multiplies by 2^120).
+template <bool kScaled>
 __device__ __forceinline__ void convert_half(uint32_t raw_row, uint32_t out_row, int c0, int k0,
                                              uint32_t s, int r, bool in_place) {
   const uint4 a = lds128(raw_row + ((c0 ^ (r & 7)) << 4));
   const uint4 b = lds128(raw_row + (((c0 + 1) ^ (r & 7)) << 4));
   if (in_place) bar_sync(kBarConvert, kWgThreads);
   uint32_t v[4];
-  fp8_detail::dequant8<kScaled, kTwice>(a.x, a.y, s, v);
+  fp8_detail::dequant8<kScaled, false>(a.x, a.y, s, v);
   sts128(out_row + ((k0 ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled, kTwice>(a.z, a.w, s, v);
+  fp8_detail::dequant8<kScaled, false>(a.z, a.w, s, v);
   sts128(out_row + (((k0 + 1) ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled, kTwice>(b.x, b.y, s, v);
+  fp8_detail::dequant8<kScaled, false>(b.x, b.y, s, v);
   sts128(out_row + (((k0 + 2) ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled, kTwice>(b.z, b.w, s, v);
+  fp8_detail::dequant8<kScaled, false>(b.z, b.w, s, v);
   sts128(out_row + (((k0 + 3) ^ (r & 7)) << 4), v);
 }
 
-// s: the bf16x2 factor (fp8_detail::scale_factor<kTwice>).
-template <bool kScaled, bool kTwice>
+template <bool kScaled>
 __device__ __forceinline__ void convert_block(uint32_t buf, int j, uint32_t s, int r, int h) {
   const uint32_t raw_row = buf + (2 * j + 1) * kTileBytes + r * 128;
-  convert_half<kScaled, kTwice>(raw_row, buf + 2 * j * kTileBytes + r * 128, 2 * h, 4 * h, s, r,
-                                false);
-  convert_half<kScaled, kTwice>(raw_row, raw_row, 4 + 2 * h, 4 * h, s, r, true);
+  convert_half<kScaled>(raw_row, buf + 2 * j * kTileBytes + r * 128, 2 * h, 4 * h, s, r, false);
+  convert_half<kScaled>(raw_row, raw_row, 4 + 2 * h, 4 * h, s, r, true);
+}
+
+// fp8_detail's two-multiply form for scales >= 2^8 (rare): convert_block with factor 2^120, then
+// this multiplies the chunks the thread just wrote (its own, so no barrier) by s2 =
+// scale_factor<true>. A second pass rather than a second instantiation of the conversion: that
+// copy's code and registers cost the common case ~6 % (perf-notes v5.4).
+__device__ __forceinline__ void rescale_block(uint32_t buf, int j, uint32_t s2, int r, int h) {
+#pragma unroll 1
+  for (int t = 0; t < 2; ++t) {
+    const uint32_t row = buf + (2 * j + t) * kTileBytes + r * 128;
+#pragma unroll
+    for (int c = 4 * h; c < 4 * h + 4; ++c) {
+      const uint32_t at = row + ((c ^ (r & 7)) << 4);
+      const uint4 x = lds128(at);
+      const uint32_t v[4] = {fp8_detail::bf16x2_mul(x.x, s2), fp8_detail::bf16x2_mul(x.y, s2),
+                             fp8_detail::bf16x2_mul(x.z, s2), fp8_detail::bf16x2_mul(x.w, s2)};
+      sts128(at, v);
+    }
+  }
 }
 
 // Per tensor: the raw RoPE (64 tokens x 64 e4m3, unswizzled 64-byte rows in the upper half of tile
@@ -462,11 +480,10 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
         const uint32_t sb = buf ? block_scale_bits(s1, j) : block_scale_bits(s0, j);
         const bool twice = buf ? s1.twice : s0.twice;
         const uint32_t tiles = smem_addr(sm.k[buf]);
-        if (kScaled && twice) {
-          convert_block<kScaled, true>(tiles, j, fp8_detail::scale_factor<true>(sb), r, h);
-        } else {
-          convert_block<kScaled, false>(tiles, j, fp8_detail::scale_factor<false>(sb), r, h);
-        }
+        const uint32_t factor =
+            twice ? fp8_detail::kPow2_120x2 : fp8_detail::scale_factor<false>(sb);
+        convert_block<kScaled>(tiles, j, factor, r, h);
+        if (kScaled && twice) rescale_block(tiles, j, fp8_detail::scale_factor<true>(sb), r, h);
         fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
         mbar_arrive(bar(buf, kReady + j));
       }
