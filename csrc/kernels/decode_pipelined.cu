@@ -350,13 +350,13 @@ __device__ __forceinline__ void convert_half(uint32_t raw_row, uint32_t out_row,
   const uint4 b = lds128(raw_row + (((c0 + 1) ^ (r & 7)) << 4));
   if (in_place) bar_sync(kBarConvert, kWgThreads);
   uint32_t v[4];
-  fp8_detail::dequant8<kScaled, false>(a.x, a.y, s, v);
+  fp8_detail::dequant8<kScaled>(a.x, a.y, s, v);
   sts128(out_row + ((k0 ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled, false>(a.z, a.w, s, v);
+  fp8_detail::dequant8<kScaled>(a.z, a.w, s, v);
   sts128(out_row + (((k0 + 1) ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled, false>(b.x, b.y, s, v);
+  fp8_detail::dequant8<kScaled>(b.x, b.y, s, v);
   sts128(out_row + (((k0 + 2) ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled, false>(b.z, b.w, s, v);
+  fp8_detail::dequant8<kScaled>(b.z, b.w, s, v);
   sts128(out_row + (((k0 + 3) ^ (r & 7)) << 4), v);
 }
 
@@ -398,9 +398,9 @@ __device__ __forceinline__ void convert_rope(uint32_t buf, int r, int h) {
   for (int i = 0; i < 2; ++i) {
     uint32_t v[4];
     const int c = 4 * h + 2 * i;
-    fp8_detail::dequant8<false, false>(in[i].x, in[i].y, 0u, v);
+    fp8_detail::dequant8<false>(in[i].x, in[i].y, 0u, v);
     sts128(out_row + ((c ^ (r & 7)) << 4), v);
-    fp8_detail::dequant8<false, false>(in[i].z, in[i].w, 0u, v);
+    fp8_detail::dequant8<false>(in[i].z, in[i].w, 0u, v);
     sts128(out_row + (((c + 1) ^ (r & 7)) << 4), v);
   }
 }

@@ -59,22 +59,15 @@ __device__ __forceinline__ uint32_t scale_factor(uint32_t sb) {
 }
 
 // Eight e4m3 codes (two words) -> one 16-byte chunk of bf16 (four bf16x2 words) of value * s,
-// f2 = scale_factor<kTwice>(s); kScaled = false means s == 1 (per-tensor caches fold their scale
-// elsewhere).
-template <bool kScaled, bool kTwice>
+// f2 = scale_factor<false>(s); kScaled = false means s == 1 (per-tensor caches fold their scale
+// elsewhere). The kTwice form's second multiply is the caller's (decode_pipelined.cu's
+// rescale_block), so that the common case's conversion has one copy.
+template <bool kScaled>
 __device__ __forceinline__ void dequant8(uint32_t w0, uint32_t w1, uint32_t f2, uint32_t (&v)[4]) {
   e4m3x4_scaled(w0, v[0], v[1]);
   e4m3x4_scaled(w1, v[2], v[3]);
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    if constexpr (!kScaled) {
-      v[k] = bf16x2_mul(v[k], kPow2_120x2);
-    } else if constexpr (kTwice) {
-      v[k] = bf16x2_mul(bf16x2_mul(v[k], kPow2_120x2), f2);
-    } else {
-      v[k] = bf16x2_mul(v[k], f2);
-    }
-  }
+  for (int k = 0; k < 4; ++k) v[k] = bf16x2_mul(v[k], kScaled ? f2 : kPow2_120x2);
 }
 
 }  // namespace fp8_detail

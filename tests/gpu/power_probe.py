@@ -57,9 +57,9 @@ def _shift_scales(k_cache, factor):
 def main() -> None:
     case = bench.parse_cases(os.environ.get("POWER_CASE", "s_q=2,h_q=128,s_k=16384"))[0]
     seconds = float(os.environ.get("POWER_SECONDS", "4"))
-    rows = [(kv, None) for kv in ("bf16", "fp8_with_scale", "fp8_per_tensor")]
-    rows += [("fp8_with_scale", int(k)) for k in os.environ.get("POWER_SCALE_SHIFTS", "").split()]
-    for kv, shift in rows:
+    layouts = [(kv, None) for kv in ("bf16", "fp8_with_scale", "fp8_per_tensor")]
+    layouts += [("fp8_with_scale", int(k)) for k in os.environ.get("POWER_SCALE_SHIFTS", "").split()]
+    for kv, shift in layouts:
         problem = bench.make_problem(case, jnp.bfloat16, kv)
         if shift is not None:
             problem.k_cache = _shift_scales(problem.k_cache, jnp.float32(2.0 ** shift))
@@ -77,13 +77,13 @@ def main() -> None:
                                                     kv=kv))
             return (time.perf_counter() - t0) / iters
 
-        per_call, rows = sample_while(run)
-        busy = [r for r in rows if r[1] > 200.0] or rows  # samples while the loop ran
+        per_call, samples = sample_while(run)
+        busy = [r for r in samples if r[1] > 200.0] or samples  # samples while the loop ran
         name = kv if shift is None else f"{kv} x2^{shift}"
         print(f"POWER {name:20s} {per_call * 1e6:8.1f} us/call  SM clock median "
               f"{statistics.median(r[0] for r in busy):6.0f} MHz (min {min(r[0] for r in busy):.0f})"
               f"  power median {statistics.median(r[1] for r in busy):5.0f} W "
-              f"(max {max(r[1] for r in busy):.0f})  samples {len(busy)}/{len(rows)}", flush=True)
+              f"(max {max(r[1] for r in busy):.0f})  samples {len(busy)}/{len(samples)}", flush=True)
         del problem, args
 
 
