@@ -33,10 +33,12 @@
 // 64-token x 128-channel block of e4m3 bytes (8 KB, the size of one bf16 tile) lands in the slot of
 // the second of the two bf16 tiles it becomes; with scale, the bf16 RoPE goes straight to tile 8,
 // per tensor its 4 KB of e4m3 land in tile 8's upper half. The converter waits for each raw block,
-// dequantizes it in place (the read of a row finishes in the warp before the row is overwritten),
-// fences and arrives on the block's "ready" mbarrier, which is what the MMA warpgroups wait on
-// instead of the TMA barrier. Blocks are converted in the order their raw loads are issued.
-// With scale, each page's scales come by TMA with its first converted block (kScalesBoxBytes).
+// dequantizes it in place (each thread reads its row before overwriting it), fences and arrives
+// on the block's "ready" mbarrier, which is what the MMA warpgroups wait on instead of the TMA
+// barrier. Blocks are converted in the order their raw loads are issued, two at a time, one by
+// each half of the converter.
+// With scale, the converter reads each token's scales from global memory itself, off the path
+// of the TMA loads (see load_scales).
 // setmaxnreg gives the MMA warpgroups 232 registers and the converter 40; the MMA warpgroups
 // keep Q's RoPE in registers as for bf16, at the cost of a few words ptxas spills in each
 // request's prologue and epilogue (none in the pair loop).
@@ -80,12 +82,6 @@ constexpr int kKernelThreads = kIsFp8<F> ? 3 * kWgThreads : 2 * kWgThreads;
 // 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE, 5-9 the same converted ("ready").
 constexpr int kBarsPerBuf = 10;
 constexpr int kRawRope = 4, kReady = 5;
-// With scale, a page's 64 x 16 bytes of float32 scales (unswizzled, 16 bytes per token) arrive by
-// TMA with the first raw block the converter takes from the buffer (K0: block 0, K1: block 2; see
-// convert_pages) and land in that block's even tile slot, which nothing reads until the
-// converter writes it: the converter reads them there, then overwrites the slot.
-constexpr int kScalesBoxBytes = kPageSize * kFp8ScaleBytes;
-__host__ __device__ constexpr int scales_block(int buf) { return buf == 0 ? 0 : 2; }
 
 #ifdef JFM_TRACE
 constexpr int kTracePairs = 7, kTraceEvents = 10;  // timeline probe (see trace_stamp)
@@ -137,8 +133,7 @@ __device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, in
 template <KvFormat F>
 struct PageLoader {
   const CUtensorMap* map;       // native: tiles; FP8: 128-byte raw blocks (and the ws RoPE)
-  const CUtensorMap* rope_map;  // FP8 per tensor: the 64 raw RoPE bytes of each token;
-                                // with scale: the 16 bytes of float32 scales of each token
+  const CUtensorMap* rope_map;  // FP8 per tensor: the 64 raw RoPE bytes of each token
   uint32_t k_base[2];    // smem address of buffer K0 / K1
   uint32_t bar_base[2];  // smem address of tile_bar[0][0] / tile_bar[1][0]
   int kvh;
@@ -158,16 +153,9 @@ struct PageLoader {
       }
     } else {
       for (int j = t0 / 2; j < min(t1, 8) / 2; ++j) {
-        // With scale, the page's scales come with the first block the converter takes from this
-        // buffer, into that block's still-free even slot (see scales_block).
-        const bool scales = F == KvFormat::kFp8WithScale && j == scales_block(buf);
-        mbar_expect_tx(pred, bar(buf, j), kTileBytes + (scales ? kScalesBoxBytes : 0));
+        mbar_expect_tx(pred, bar(buf, j), kTileBytes);
         tma_load_tile(pred, k_base[buf] + (2 * j + 1) * kTileBytes, map, bar(buf, j),
                       j * kFp8BlockBytes, kvh, page, policy);
-        if (scales) {
-          tma_load_tile(pred, k_base[buf] + 2 * j * kTileBytes, rope_map, bar(buf, j), kHeadDimV,
-                        kvh, page, policy);
-        }
       }
       if (t1 == kTiles) {
         const uint32_t rope = k_base[buf] + 8 * kTileBytes;
@@ -337,57 +325,52 @@ __device__ __forceinline__ void zero_rows(T* buf, int t0, int valid, int wg_tid,
 // ---- FP8: the converter warpgroup ---------------------------------------------------------
 
 // Raw block j (64 tokens x 128 e4m3 channels, TMA 128-byte swizzled, in tile slot 2j + 1 of the
-// page buffer at `buf`) -> bf16 tiles 2j and 2j + 1, each value times s. Thread (row r, half h)
-// converts 32 channels per tile: first raw chunks 2h, 2h + 1 into tile 2j (another slot), then
-// raw chunks 4 + 2h, 4 + 2h + 1 into tile 2j + 1, whose row r covers raw row r: all threads read
-// before any writes (the two halves of a row sit in different warps). A shared-memory phase is 8
-// consecutive rows, so the swizzle spreads its 8 accesses over 8 bank groups.
-// s: the bf16x2 factor of fp8_detail's one-multiply form (kScaled; per tensor multiplies by 2^120).
-template <bool kScaled>
-__device__ __forceinline__ void convert_half(uint32_t raw_row, uint32_t out_row, int c0, int k0,
-                                             uint32_t s, int r, bool in_place) {
-  const uint4 a = lds128(raw_row + ((c0 ^ (r & 7)) << 4));
-  const uint4 b = lds128(raw_row + (((c0 + 1) ^ (r & 7)) << 4));
-  if (in_place) bar_sync(kBarConvert, kWgThreads);
-  uint32_t v[4];
-  fp8_detail::dequant8<kScaled>(a.x, a.y, s, v);
-  sts128(out_row + ((k0 ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled>(a.z, a.w, s, v);
-  sts128(out_row + (((k0 + 1) ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled>(b.x, b.y, s, v);
-  sts128(out_row + (((k0 + 2) ^ (r & 7)) << 4), v);
-  fp8_detail::dequant8<kScaled>(b.z, b.w, s, v);
-  sts128(out_row + (((k0 + 3) ^ (r & 7)) << 4), v);
-}
-
-template <bool kScaled>
-__device__ __forceinline__ void convert_block(uint32_t buf, int j, uint32_t s, int r, int h) {
+// page buffer at `buf`) -> bf16 tiles 2j (channels 0-63) and 2j + 1 (64-127), each value times
+// the bf16x2 factor s (fp8_detail's one-multiply form; per tensor multiplies by 2^120). One thread
+// converts all of row r, two raw chunks (32 values, four bf16 chunks) per step: steps 0-1 write
+// tile 2j, steps 2-3 write tile 2j + 1 in place, where bf16 chunk c lands on raw chunk c, which
+// this thread read in an earlier step (or, for step 3's chunks 6-7, earlier in the step). So a
+// thread touches only its own row and needs no barrier. Eight consecutive rows make a
+// shared-memory phase, and the swizzle spreads their accesses over the 8 bank groups.
+__device__ __forceinline__ void convert_row(uint32_t buf, int j, uint32_t s, int r) {
   const uint32_t raw_row = buf + (2 * j + 1) * kTileBytes + r * 128;
-  convert_half<kScaled>(raw_row, buf + 2 * j * kTileBytes + r * 128, 2 * h, 4 * h, s, r, false);
-  convert_half<kScaled>(raw_row, raw_row, 4 + 2 * h, 4 * h, s, r, true);
+  const uint32_t low_row = buf + 2 * j * kTileBytes + r * 128;
+#pragma unroll
+  for (int step = 0; step < 4; ++step) {
+    const uint4 a = lds128(raw_row + (((2 * step) ^ (r & 7)) << 4));
+    const uint4 b = lds128(raw_row + (((2 * step + 1) ^ (r & 7)) << 4));
+    const uint32_t out_row = step < 2 ? low_row : raw_row;
+    const int k0 = 4 * (step & 1);
+    uint32_t v[4];
+    fp8_detail::dequant8<true>(a.x, a.y, s, v);
+    sts128(out_row + ((k0 ^ (r & 7)) << 4), v);
+    fp8_detail::dequant8<true>(a.z, a.w, s, v);
+    sts128(out_row + (((k0 + 1) ^ (r & 7)) << 4), v);
+    fp8_detail::dequant8<true>(b.x, b.y, s, v);
+    sts128(out_row + (((k0 + 2) ^ (r & 7)) << 4), v);
+    fp8_detail::dequant8<true>(b.z, b.w, s, v);
+    sts128(out_row + (((k0 + 3) ^ (r & 7)) << 4), v);
+  }
 }
 
-// fp8_detail's two-multiply form for scales >= 2^8 (rare): convert_block with factor 2^120, then
-// this multiplies the chunks the thread just wrote (its own, so no barrier) by s2 =
-// scale_factor<true>. A second pass rather than a second instantiation of the conversion: that
-// copy's code and registers cost the common case ~6 % (perf-notes v5.4).
-__device__ __forceinline__ void rescale_block(uint32_t buf, int j, uint32_t s2, int r, int h) {
+// fp8_detail's two-multiply form for scales >= 2^8 (rare): convert_row with factor 2^120, then
+// this multiplies the row the thread just wrote (its own) by s2 = scale_factor<true>. A second
+// pass rather than a second instantiation of the conversion: that copy's code and registers
+// cost the common case ~6 % (perf-notes v5.4).
+__device__ __forceinline__ void rescale_row(uint32_t buf, int j, uint32_t s2, int r) {
 #pragma unroll 1
-  for (int t = 0; t < 2; ++t) {
-    const uint32_t row = buf + (2 * j + t) * kTileBytes + r * 128;
-#pragma unroll
-    for (int c = 4 * h; c < 4 * h + 4; ++c) {
-      const uint32_t at = row + ((c ^ (r & 7)) << 4);
-      const uint4 x = lds128(at);
-      const uint32_t v[4] = {fp8_detail::bf16x2_mul(x.x, s2), fp8_detail::bf16x2_mul(x.y, s2),
-                             fp8_detail::bf16x2_mul(x.z, s2), fp8_detail::bf16x2_mul(x.w, s2)};
-      sts128(at, v);
-    }
+  for (int c = 0; c < 16; ++c) {
+    const uint32_t at = buf + (2 * j + c / 8) * kTileBytes + r * 128 + (((c % 8) ^ (r & 7)) << 4);
+    const uint4 x = lds128(at);
+    const uint32_t v[4] = {fp8_detail::bf16x2_mul(x.x, s2), fp8_detail::bf16x2_mul(x.y, s2),
+                           fp8_detail::bf16x2_mul(x.z, s2), fp8_detail::bf16x2_mul(x.w, s2)};
+    sts128(at, v);
   }
 }
 
 // Per tensor: the raw RoPE (64 tokens x 64 e4m3, unswizzled 64-byte rows in the upper half of tile
-// slot 8) -> bf16 tile 8. Rows overlap across warps, so the whole converter reads, then syncs.
+// slot 8) -> bf16 tile 8. Thread (r, h) converts half of row r; rows overlap across warps, so the
+// whole converter reads, then syncs.
 __device__ __forceinline__ void convert_rope(uint32_t buf, int r, int h) {
   const uint32_t rope = buf + 8 * kTileBytes;
   const uint32_t raw_row = rope + kTileBytes / 2 + r * 64 + h * 32;
@@ -405,37 +388,43 @@ __device__ __forceinline__ void convert_rope(uint32_t buf, int r, int h) {
   }
 }
 
-// With scale: token r's four scales as bf16 (fp8_detail::bf16_bits), two per word, from where the
-// TMA left them (kScalesBoxBytes at `slot`; zeros for an out-of-range page); `twice`: some scale
-// of the page needs fp8_detail's two-multiply form, so the whole page takes it. The vote is a
-// converter-wide barrier (bar.red.or), which also orders every thread's read of the slot before
-// any thread's conversion overwrites it. A pair's scales take 6 of the converter's 40
-// registers; they are selected per block by value (a reference to one of two structs put both in
-// local memory).
+// With scale: the two scales of token r that converter thread (r, h) applies, those of blocks h
+// and 2 + h (see convert_pages), as bf16 (fp8_detail::bf16_bits) in one word, and whether one of
+// them needs fp8_detail's two-multiply form (`twice`; the thread's rows then take rescale_row).
+// The converter loads them from global memory at the start of a pair, under its wait for the
+// pair's first block: with no TMA box of scales in the page buffer, neither the page's loads
+// nor a converter-wide barrier waits on them (perf-notes v5.5). An out-of-range page id reads
+// nothing: TMA fills that page with zeros, so any finite scale does.
 struct PackedScales {
-  uint32_t w0, w1;
+  uint32_t w;
   bool twice;
 };
-__device__ __forceinline__ PackedScales read_scales(uint32_t slot, int r) {
-  const uint4 v = lds128(slot + r * 16);
-  const uint32_t b[4] = {fp8_detail::bf16_bits(__uint_as_float(v.x)),
-                         fp8_detail::bf16_bits(__uint_as_float(v.y)),
-                         fp8_detail::bf16_bits(__uint_as_float(v.z)),
-                         fp8_detail::bf16_bits(__uint_as_float(v.w))};
-  const bool mine = fp8_detail::needs_twice(b[0]) || fp8_detail::needs_twice(b[1]) ||
-                    fp8_detail::needs_twice(b[2]) || fp8_detail::needs_twice(b[3]);
-  return {b[0] | (b[1] << 16), b[2] | (b[3] << 16), bar_red_or(kBarConvert, kWgThreads, mine)};
+__device__ __forceinline__ float4 load_scales(const DecodeParams& p, int page, int r, int kvh) {
+  if (page < 0 || page >= p.num_blocks) return make_float4(1.f, 1.f, 1.f, 1.f);
+  const int64_t token = ((int64_t)page * kPageSize + r) * p.h_kv + kvh;
+  return __ldg(reinterpret_cast<const float4*>(static_cast<const uint8_t*>(p.k_cache) +
+                                               token * kFp8WithScaleBytes + kHeadDimV));
 }
-__device__ __forceinline__ uint32_t block_scale_bits(const PackedScales& ps, int j) {
-  const uint32_t w = (j & 2) ? ps.w1 : ps.w0;
-  return (j & 1) ? w >> 16 : w & 0xFFFFu;
+// The conversions are volatile so that the compiler keeps them (the loads' first use) after the
+// wait for the page's first block.
+__device__ __forceinline__ uint32_t bf16_bits_after(float s) {
+  uint16_t b;
+  asm volatile("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(b) : "f"(s));
+  return b;
+}
+__device__ __forceinline__ PackedScales pack_scales(float4 v, int h) {
+  const uint32_t lo = bf16_bits_after(h ? v.y : v.x), hi = bf16_bits_after(h ? v.w : v.z);
+  return {lo | (hi << 16), fp8_detail::needs_twice(lo) || fp8_detail::needs_twice(hi)};
 }
 
 // The converter's loop: the same requests and pages as the MMA warpgroups, a pair (b in K0,
-// b + 1 in K1) at a time, blocks in the order their raw loads are issued: K0's and K1's RoPE
-// (pair start), K0 0-1 (after WG0's PV(P0)), K1 2-3 (after WG1's PV(P1)), K0 2-3 (after WG1's
-// PV(P0)), K1 0-1 (after WG0's PV(P1)). That is also the order the next QK^Ts need them in (WG0:
-// tiles 8, 0-7 of K0; WG1: 8, 4-7, 0-3 of K1).
+// b + 1 in K1) at a time, raw blocks two by two in the order their loads are issued: K0's and
+// K1's RoPE (pair start, per tensor), K0 0-1 (after WG0's PV(P0)), K1 2-3 (after WG1's PV(P1)),
+// K0 2-3 (after WG1's PV(P0)), K1 0-1 (after WG0's PV(P1)). That is also the order the next
+// QK^Ts need them in (WG0: tiles 8, 0-7 of K0; WG1: 8, 4-7, 0-3 of K1). Of each two blocks,
+// warps 0-1 (h = 0) convert the first and warps 2-3 (h = 1) the second, a row per thread, so
+// the two halves of the converter never wait for each other; each block's "ready" barrier
+// takes the 64 arrivals of its half.
 template <KvFormat F>
 __device__ __forceinline__ void convert_pages(const DecodeParams& p,
                                               PipelinedSmem<__nv_bfloat16>& sm, const int32_t* md,
@@ -454,36 +443,42 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
   };
   for (int req = begin_req; req <= end_req; ++req) {
     const Piece pc = make_piece(p, md, req, begin_req, end_req, m0, 0, 0);
+    const int32_t* bt = p.block_table + (int64_t)req * p.max_blocks;
 #pragma unroll 1
     for (int b = pc.start; b < pc.end; b += 2) {
       const bool has1 = b + 1 < pc.end;
       const uint32_t par0 = fills0 & 1, par1 = fills1 & 1;
-      // With scale: each page's scales arrive with the first block taken from its buffer.
-      PackedScales s0{0u, 0u, false}, s1 = s0;
-      auto scales = [&](int buf, uint32_t parity) {
-        const int j = scales_block(buf);
-        mbar_wait(bar(buf, j), parity);
-        return read_scales(smem_addr(sm.k[buf]) + 2 * j * kTileBytes, r);
-      };
-      if (kScaled) s0 = scales(0, par0);
-      if (!kScaled) rope(0, par0);
-      if (!kScaled && has1) rope(1, par1);
-      // Step k converts block j of buffer buf: (0,0) (0,1) (1,2) (1,3) (0,2) (0,3) (1,0) (1,1).
-      // A loop, not unrolled: one copy of the conversion code (the kernel's code is larger than
-      // the instruction cache) and no per-block address constants held in the 40 registers.
+      PackedScales s0{0u, false}, s1 = s0;
+      if (kScaled) {
+        // Loaded where their latency hides under the wait for the pair's first block and used
+        // right after it: a global load left in flight would hold up the MEMBAR of the next
+        // proxy fence (and page ids kept across the block loop would spill).
+        const int page1 = has1 ? bt[b + 1] : -1;
+        const float4 raw0 = load_scales(p, bt[b], r, kvh), raw1 = load_scales(p, page1, r, kvh);
+        mbar_wait(bar(0, h), par0);
+        s0 = pack_scales(raw0, h);
+        s1 = pack_scales(raw1, h);
+      } else {
+        rope(0, par0);
+        if (has1) rope(1, par1);
+      }
+      // Step k converts blocks base and base + 1 of buffer buf, this thread block base + h:
+      // (0, 0-1) (1, 2-3) (0, 2-3) (1, 0-1). A loop, not unrolled: one copy of the conversion
+      // code (the kernel's code is larger than the instruction cache).
 #pragma unroll 1
-      for (int k = 0; k < 8; ++k) {
-        const int buf = (k >> 1) & 1, j = (k & 1) + 2 * ((k >> 2) ^ buf);
+      for (int k = 0; k < 4; ++k) {
+        const int buf = k & 1, base = 2 * ((k >> 1) ^ buf), j = base + h;
         if (buf == 1 && !has1) continue;
-        if (kScaled && k == 2) s1 = scales(1, par1);
         mbar_wait(bar(buf, j), buf ? par1 : par0);
-        const uint32_t sb = buf ? block_scale_bits(s1, j) : block_scale_bits(s0, j);
+        // By value: a reference to one of the two structs would put both in local memory.
+        const uint32_t w = buf ? s1.w : s0.w;
         const bool twice = buf ? s1.twice : s0.twice;
+        const uint32_t sb = base ? w >> 16 : w & 0xFFFFu;
         const uint32_t tiles = smem_addr(sm.k[buf]);
-        const uint32_t factor =
-            twice ? fp8_detail::kPow2_120x2 : fp8_detail::scale_factor<false>(sb);
-        convert_block<kScaled>(tiles, j, factor, r, h);
-        if (kScaled && twice) rescale_block(tiles, j, fp8_detail::scale_factor<true>(sb), r, h);
+        const uint32_t factor = !kScaled || twice ? fp8_detail::kPow2_120x2
+                                                  : fp8_detail::scale_factor<false>(sb);
+        convert_row(tiles, j, factor, r);
+        if (kScaled && twice) rescale_row(tiles, j, fp8_detail::scale_factor<true>(sb), r);
         fence_proxy_async();  // the MMA warpgroups read the tiles through the async proxy
         mbar_arrive(bar(buf, kReady + j));
       }
@@ -531,8 +526,13 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
   const bool refills = kIsFp8<F> || !(p.tuning & kTuneNoLoads);
   if (threadIdx.x == 0) {
     for (int i = 0; i < 2 * kBarsPerBuf; ++i) {
-      // FP8 "ready" barriers take one arrival per converter thread; TMA barriers one expect_tx.
-      mbar_init(ld.bar_base[0] + 8 * i, kIsFp8<F> && i % kBarsPerBuf >= kReady ? kWgThreads : 1);
+      // FP8 "ready" barriers take one arrival per converter thread that converts the block
+      // (half the converter; all of it for the per-tensor RoPE); TMA barriers one expect_tx.
+      const int slot = i % kBarsPerBuf;
+      const int arrivals = !kIsFp8<F> || slot < kReady ? 1
+                           : slot == kReady + kRawRope ? kWgThreads
+                                                       : kWgThreads / 2;
+      mbar_init(ld.bar_base[0] + 8 * i, arrivals);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }

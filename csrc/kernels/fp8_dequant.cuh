@@ -61,7 +61,7 @@ __device__ __forceinline__ uint32_t scale_factor(uint32_t sb) {
 // Eight e4m3 codes (two words) -> one 16-byte chunk of bf16 (four bf16x2 words) of value * s,
 // f2 = scale_factor<false>(s); kScaled = false means s == 1 (per-tensor caches fold their scale
 // elsewhere). The kTwice form's second multiply is the caller's (decode_pipelined.cu's
-// rescale_block), so that the common case's conversion has one copy.
+// rescale_row), so that the common case's conversion has one copy.
 template <bool kScaled>
 __device__ __forceinline__ void dequant8(uint32_t w0, uint32_t w1, uint32_t f2, uint32_t (&v)[4]) {
   e4m3x4_scaled(w0, v[0], v[1]);
