@@ -822,7 +822,7 @@ cudaError_t launch_narrow(const DecodeParams& p, ElemType t, cudaStream_t stream
   CUtensorMap map;
   const CUresult r = encode_cache_map(
       &map, p, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
-      kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B);
+      kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE);
   if (r != CUDA_SUCCESS) return tensor_map_error(r);
   return bf16 ? launch_rows<__nv_bfloat16, KvFormat::kNative>(p, map, map, nullptr, stream)
               : launch_rows<__half, KvFormat::kNative>(p, map, map, nullptr, stream);

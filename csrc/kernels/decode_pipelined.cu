@@ -793,7 +793,7 @@ cudaError_t launch_pipelined_t(const DecodeParams& p, cudaStream_t stream) {
       &map, p,
       std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                      : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-      sizeof(T), kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B);
+      sizeof(T), kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE);
   if (r != CUDA_SUCCESS) return tensor_map_error(r);
   return launch_kernel<T, KvFormat::kNative>(p, map, map, nullptr, stream);
 }

@@ -98,8 +98,12 @@ inline EncodeTiledFn encode_tiled_fn() {
 
 // A 4-D map {row bytes / elements, 64 tokens, h_kv, pages} of the cache with a box of `box_cols`
 // x 64 tokens. Coordinates past any edge (a bad page id) read as zeros.
+// `promotion`: the L2 fetch granularity. bf16 pages read best without promotion (256 bytes was
+// 0-2 % slower on short contexts), FP8 pages with 256 bytes (their rows straddle sectors; none
+// was 1-3 % slower), perf-notes v5.5.
 inline CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtensorMapDataType type,
-                          int elem_bytes, int row_elems, int box_cols, CUtensorMapSwizzle swizzle) {
+                          int elem_bytes, int row_elems, int box_cols, CUtensorMapSwizzle swizzle,
+                          CUtensorMapL2promotion promotion) {
   EncodeTiledFn encode = encode_tiled_fn();
   if (!encode) return CUDA_ERROR_NOT_SUPPORTED;
   const cuuint64_t dims[4] = {(cuuint64_t)row_elems, (cuuint64_t)kPageSize, (cuuint64_t)p.h_kv,
@@ -110,7 +114,7 @@ inline CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtens
   const cuuint32_t box[4] = {(cuuint32_t)box_cols, (cuuint32_t)kPageSize, 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   return encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, promotion,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
@@ -126,10 +130,12 @@ inline CUresult encode_fp8_cache_maps(CUtensorMap* blocks, CUtensorMap* aux, con
   const bool ws = layout == Fp8Layout::kWithScale;
   const int row = ws ? kFp8WithScaleBytes : kFp8PerTensorBytes;
   const CUresult r = encode_cache_map(blocks, p, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
-                                      kFp8BlockBytes, CU_TENSOR_MAP_SWIZZLE_128B);
+                                      kFp8BlockBytes, CU_TENSOR_MAP_SWIZZLE_128B,
+                                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
   if (r != CUDA_SUCCESS) return r;
   return encode_cache_map(aux, p, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, row,
-                          ws ? kFp8ScaleBytes : kHeadDimQK - kHeadDimV, CU_TENSOR_MAP_SWIZZLE_NONE);
+                          ws ? kFp8ScaleBytes : kHeadDimQK - kHeadDimV, CU_TENSOR_MAP_SWIZZLE_NONE,
+                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
 }
 
 // A failed encode_cache_map as the launchers report it: no driver entry point -> not supported,
