@@ -820,7 +820,8 @@ cudaError_t prepare_decode_fp8() {
 cudaError_t launch_decode_fp8(const DecodeFp8Params& fp, Fp8Layout layout,
                               cudaStream_t stream) {
   // Raw blocks (kFp8BlockBytes e4m3 channels each = one bf16 tile's bytes per row) and, in the
-  // second map, the per-tensor RoPE or the with-scale scales.
+  // second map, the per-tensor RoPE (with scale this kernel leaves the second map unused: its
+  // converter loads the scales itself; the narrow kernel's producer uses it).
   const bool ws = layout == Fp8Layout::kWithScale;
   CUtensorMap map, rope;
   if (const CUresult r = encode_fp8_cache_maps(&map, &rope, fp.base, layout); r != CUDA_SUCCESS) {
