@@ -299,15 +299,6 @@ __device__ __forceinline__ void store_result(const DecodeParams& p, const Piece&
 __device__ __forceinline__ void bar_sync(int id, int n) {
   asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory");
 }
-// bar.sync that also returns whether `pred` held on any participating thread.
-__device__ __forceinline__ bool bar_red_or(int id, int n, bool pred) {
-  uint32_t any;
-  asm volatile(
-      "{\n.reg .pred p, q;\nsetp.ne.b32 p, %1, 0;\nbar.red.or.pred q, %2, %3, p;\n"
-      "selp.u32 %0, 1, 0, q;\n}\n"
-      : "=r"(any) : "r"((uint32_t)pred), "r"(id), "r"(n) : "memory");
-  return any != 0u;
-}
 __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
 }

@@ -405,15 +405,10 @@ __device__ __forceinline__ float4 load_scales(const DecodeParams& p, int page, i
   return __ldg(reinterpret_cast<const float4*>(static_cast<const uint8_t*>(p.k_cache) +
                                                token * kFp8WithScaleBytes + kHeadDimV));
 }
-// The conversions are volatile so that the compiler keeps them (the loads' first use) after the
-// wait for the page's first block.
-__device__ __forceinline__ uint32_t bf16_bits_after(float s) {
-  uint16_t b;
-  asm volatile("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(b) : "f"(s));
-  return b;
-}
+// Packed after the wait for the pair's first block (bf16_bits is volatile), the loads' first use.
 __device__ __forceinline__ PackedScales pack_scales(float4 v, int h) {
-  const uint32_t lo = bf16_bits_after(h ? v.y : v.x), hi = bf16_bits_after(h ? v.w : v.z);
+  const uint32_t lo = fp8_detail::bf16_bits(h ? v.y : v.x);
+  const uint32_t hi = fp8_detail::bf16_bits(h ? v.w : v.z);
   return {lo | (hi << 16), fp8_detail::needs_twice(lo) || fp8_detail::needs_twice(hi)};
 }
 

@@ -43,10 +43,12 @@ __device__ __forceinline__ void e4m3x4_scaled(uint32_t w, uint32_t& lo, uint32_t
 // bf16 (s < 2^8), else (kTwice) as an exact multiply by 2^120 and one by bf16(s). Either way the
 // product is exact for power-of-two scales (DeepSeek V3.2's) and for any bf16 scale whose product
 // is a bf16; other scales are rounded to bf16 first (relative error <= 2^-8 in all).
-// s as bf16 bits (round to nearest even).
+// s as bf16 bits (round to nearest even). Volatile, so that the compiler keeps the conversion
+// where it is written: decode_pipelined.cu's converter places it after a barrier wait, under
+// which the load of s completes.
 __device__ __forceinline__ uint32_t bf16_bits(float s) {
   uint16_t b;
-  asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(b) : "f"(s));
+  asm volatile("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(b) : "f"(s));
   return b;
 }
 // Whether bf16 bits `sb` need the kTwice form (2^120 * s not a finite bf16: s >= 2^8, inf, NaN).
