@@ -256,17 +256,23 @@ __device__ __forceinline__ void load_q_rope(const T* sq, uint32_t (&rq)[4][4], i
 }
 
 // Issues S = Q K^T over the page in buffer `buf`, each tile's MMAs as soon as its load lands
-// (tile 8 with Q's RoPE from registers); one commit group, not waited for.
+// (tile 8 with Q's RoPE from registers); one commit group, not waited for. Tiles i0..i1-1 of
+// the warpgroup's order only: a range that starts at 0 starts S from zero, one that does not
+// adds to the S of an earlier range (issued, maybe in flight).
 template <typename T, int kWg, class Loader>
 __device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const uint32_t (&rq)[4][4],
-                                         const Loader& ld, int buf, uint32_t parity) {
+                                         const Loader& ld, int buf, uint32_t parity, int i0 = 0,
+                                         int i1 = kTiles) {
   float (&sf)[32] = reinterpret_cast<float(&)[32]>(s);
+  if (i0 == 0) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) sf[i] = 0.f;
+    for (int i = 0; i < 32; ++i) sf[i] = 0.f;
+  }
   const uint32_t q_base = smem_addr(sq), k_base = ld.k_base[buf];
   fence_regs(sf);
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
+    if (i < i0 || i >= i1) continue;
     const int t = tile_order<kWg>(i);
     ld.wait(buf, t, parity);
     wgmma_fence();
@@ -645,25 +651,43 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         scale_rows(o, s1_lo, s1_hi);
         l_lo *= s1_lo;
         l_hi *= s1_hi;
-        if (has1) {
-          ld.wait_tiles(1, 0, 4, par1);  // V1_L landed (WG1's QK^T saw it; made visible here)
-          JFM_STAMP(5);
-          const int valid1 = valid_rows(pc.seqlen, b + 1);
-          if (valid1 < kPageSize) zero_rows(sm.k[1], 0, valid1, wg_tid, 0);
-          pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
-          pv_wait(o);
-          JFM_STAMP(6);
-        }
         if (has3) {
+          // Steady state (pages b + 1 .. b + 3 exist, none of them the last): branch-free
+          // while wgmmas are in flight (a branch there makes ptxas wait or serialize).
+          // QK^T(b + 2) over the tiles refilled first (8, 0-3) goes right behind PV(P1), the
+          // rest once PV(P1) has retired and K1's V_L refill is issued (FlashMLA's WG0 order).
+          ld.wait_tiles(1, 0, 4, par1);
+          JFM_STAMP(5);
+          pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
+          ld.skip_waits = !refills;
+          qk_issue<T, 0>(s, sm.q, rq, ld, 0, par0 ^ 1, 0, 5);
+          wgmma_wait<1>();  // PV(P1) retired (groups retire in order)
+          fence_regs(reinterpret_cast<float(&)[128]>(o));
+          JFM_STAMP(6);
           bar_sync(kBarWgBase + 0, kWgThreads);  // all of WG0's reads of P1 and V1_L retired
           bar_arrive(kBarP1Free, kThreads);
           ld.issue(issuer && refills, 1, page3, 0, 4);
-        }
-        if (has2) {
-          ld.skip_waits = !refills;
           JFM_STAMP(7);
-          qk_pipelined<T, 0>(s, sm.q, rq, ld, 0, par0 ^ 1);
+          qk_issue<T, 0>(s, sm.q, rq, ld, 0, par0 ^ 1, 5, kTiles);
+          wgmma_wait_all();
+          fence_regs(reinterpret_cast<float(&)[32]>(s));
           JFM_STAMP(8);
+        } else {  // the request's last pair or two
+          if (has1) {
+            ld.wait_tiles(1, 0, 4, par1);  // V1_L landed (WG1's QK^T saw it; made visible here)
+            JFM_STAMP(5);
+            const int valid1 = valid_rows(pc.seqlen, b + 1);
+            if (valid1 < kPageSize) zero_rows(sm.k[1], 0, valid1, wg_tid, 0);
+            pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
+            pv_wait(o);
+            JFM_STAMP(6);
+          }
+          if (has2) {
+            ld.skip_waits = !refills;
+            JFM_STAMP(7);
+            qk_pipelined<T, 0>(s, sm.q, rq, ld, 0, par0 ^ 1);
+            JFM_STAMP(8);
+          }
         }
       } else {
         JFM_STAMP(0);
