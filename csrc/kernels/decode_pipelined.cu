@@ -652,8 +652,9 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         l_lo *= s1_lo;
         l_hi *= s1_hi;
         if (has3) {
-          // Steady state (pages b + 1 .. b + 3 exist, none of them the last): branch-free
-          // while wgmmas are in flight (a branch there makes ptxas wait or serialize).
+          // Steady state (pages b + 1 .. b + 3 exist, so page b + 1 is full and its V_L needs
+          // no zeroing): branch-free while wgmmas are in flight (a branch there makes ptxas
+          // wait or serialize).
           // QK^T(b + 2) over the tiles refilled first (8, 0-3) goes right behind PV(P1), the
           // rest once PV(P1) has retired and K1's V_L refill is issued (FlashMLA's WG0 order).
           ld.wait_tiles(1, 0, 4, par1);
