@@ -49,6 +49,7 @@
 #include <type_traits>
 #ifdef JFM_TRACE
 #include <cstdio>
+#include <cuda_runtime.h>
 #endif
 
 #include "kernels/decode_common.cuh"
@@ -85,6 +86,9 @@ constexpr int kRawRope = 4, kReady = 5;
 
 #ifdef JFM_TRACE
 constexpr int kTracePairs = 7, kTraceEvents = 10;  // timeline probe (see trace_stamp)
+#ifndef JFM_TRACE_FIRST_PAIR
+#define JFM_TRACE_FIRST_PAIR 0  // the first pair stamped (later ones: a settled running max)
+#endif
 #endif
 template <typename T>
 struct PipelinedSmem {
@@ -110,19 +114,23 @@ constexpr int kTuneNoLoads = 1;
 
 // Timeline probe (build with -DJFM_TRACE, tests/gpu/run.sh trace; never in a shipped build):
 // thread 0 of each MMA warpgroup of CTA (0, 0, 0) stamps the SM clock at fixed points of the
-// first kTracePairs pairs of its first request; the first launch prints them. The stores are predicated in asm, like the TMA
-// issue, so that they add no branch between wgmmas.
+// first kTracePairs pairs of its first request; the first launch copies them to g_trace, which the
+// host prints (dump_trace). The stores are predicated in asm, like the TMA issue, so that they add
+// no branch between wgmmas. No printf in the kernel: a call makes ptxas serialize every wgmma
+// (C7510), which is what the probe would then measure.
 #ifdef JFM_TRACE
 __device__ int g_trace_printed;
+__device__ uint32_t g_trace[2 * kTracePairs * kTraceEvents];
 // Stamps go to shared memory (a global store would hold up the next fence.proxy.async, which
 // waits for this thread's outstanding memory operations).
 __device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, int pair, int ev) {
-  const int slot = (wg * kTracePairs + (pair < kTracePairs ? pair : 0)) * kTraceEvents + ev;
+  const bool in_range = pair >= 0 && pair < kTracePairs;
+  const int slot = (wg * kTracePairs + (in_range ? pair : 0)) * kTraceEvents + ev;
   const uint32_t addr = smem_addr(slots + slot);
   asm volatile(
       "{\n.reg .pred p;\n.reg .u32 t;\nsetp.ne.b32 p, %1, 0;\nmov.u32 t, %%clock;\n"
       "@p st.shared.u32 [%0], t;\n}\n"
-      :: "r"(addr), "r"((int)(on && pair < kTracePairs)) : "memory");
+      :: "r"(addr), "r"((int)(on && in_range)) : "memory");
 }
 #define JFM_STAMP(ev) trace_stamp(trace_on, sm.trace, wg, trace_pair, ev)
 #else
@@ -221,6 +229,24 @@ __device__ __forceinline__ void store_p(const uint32_t (&pf)[4][4], T* sp, int r
     *reinterpret_cast<uint32_t*>(sp + p_offset(r_hi, j) + within) = pf[j / 2][2 * (j & 1) + 1];
   }
   fence_proxy_async();
+}
+
+// The running row max moves only when a page's maximum exceeds it by more than kMaxSlack (log2
+// units; FlashAttention-4's lazy rescaling), so P = 2^(S * scale - m) <= 2^kMaxSlack, and once
+// a row's max has settled its scales are exactly 1 and O's rescale is skipped (rescale_rows).
+// The result is the same function: O and the row sum l are kept at the same m, and
+// lse = log2(l) + m; only where bf16/fp16 rounds P moves (P <= 256 instead of <= 1).
+constexpr float kMaxSlack = 8.f;
+__device__ __forceinline__ float next_max(float m, float page_max) {
+  return page_max > m + kMaxSlack ? page_max : m;
+}
+__device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
+  return m_new == m_old ? 1.f : fast_exp2(m_old - m_new);
+}
+// O *= the rows' factors, skipped when every row of the warp keeps its scale (a warp-uniform
+// branch; no wgmma of this warpgroup may be in flight here).
+__device__ __forceinline__ void rescale_rows(float (&o)[32][4], float lo, float hi) {
+  if (__any_sync(0xffffffffu, lo != 1.f || hi != 1.f)) scale_rows(o, lo, hi);
 }
 
 // P = 2^(S * scale - m) in place (fp32); the thread's row sums.
@@ -593,7 +619,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
       ld.skip_waits = !refills && b > pc.start;
 #ifdef JFM_TRACE
       const bool trace_on = wg_tid == 0 && req == begin_req && mb == 0 && kvh == 0 && part == 0;
-      const int trace_pair = (b - pc.start) / 2;
+      const int trace_pair = (b - pc.start) / 2 - JFM_TRACE_FIRST_PAIR;
 #endif
       // Page ids of this pair's refills were fetched during the previous pair (the issuing
       // thread would otherwise stall on the load right at pair start). The next pair's are
@@ -609,9 +635,9 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         if (has2) ld.issue(issuer && refills, 0, page2, 8, 9);  // QK^T(b) is done with the RoPE tile
         float mx_lo, mx_hi;
         mask_and_max(s, b, pc, mx_lo, mx_hi);
-        const float new_lo = fmaxf(m_lo, mx_lo * scale_log2);
-        const float new_hi = fmaxf(m_hi, mx_hi * scale_log2);
-        const float s0_lo = fast_exp2(m_lo - new_lo), s0_hi = fast_exp2(m_hi - new_hi);
+        const float new_lo = next_max(m_lo, mx_lo * scale_log2);
+        const float new_hi = next_max(m_hi, mx_hi * scale_log2);
+        const float s0_lo = rescale_factor(m_lo, new_lo), s0_hi = rescale_factor(m_hi, new_hi);
         // WG1 needs only M0 and s0: publish them first, so that its softmax starts while this
         // one computes P0.
         if (quad_leader) {
@@ -627,7 +653,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         pack_p<T>(s, 1.f, 1.f, pf);  // P0
         l_lo = l_lo * s0_lo + sum_lo;
         l_hi = l_hi * s0_hi + sum_hi;
-        scale_rows(o, s0_lo, s0_hi);
+        rescale_rows(o, s0_lo, s0_hi);
         JFM_STAMP(2);
         const int valid0 = valid_rows(pc.seqlen, b);
         if (valid0 < kPageSize) zero_rows(sm.k[0], 0, valid0, wg_tid, 0);
@@ -648,7 +674,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         store_p<T>(pf, sm.p0, r_lo, r_hi);
         fetch_next_pages();
         bar_arrive(kBarP0Ready, kThreads);
-        scale_rows(o, s1_lo, s1_hi);
+        rescale_rows(o, s1_lo, s1_hi);
         l_lo *= s1_lo;
         l_hi *= s1_hi;
         if (has3) {
@@ -693,19 +719,43 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
       } else {
         JFM_STAMP(0);
         if (has3) ld.issue(issuer && refills, 1, page3, 8, 9);  // QK^T(b + 1) is done
+#ifdef JFM_EXP_EARLY
+        // P1 at this warpgroup's own running max first, so that this softmax runs beside WG0's
+        // instead of after its M0; with the lazy max M0 is almost always that same max, else
+        // P1 is corrected by 2^(mt - M1) when packed.
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+        if (has1) mask_and_max(s, b + 1, pc, mx_lo, mx_hi);
+        const float mt_lo = next_max(m_lo, mx_lo * scale_log2);
+        const float mt_hi = next_max(m_hi, mx_hi * scale_log2);
+        float sum_lo = 0.f, sum_hi = 0.f;
+        if (has1) exp_rows(s, scale_log2, mt_lo, mt_hi, sum_lo, sum_hi);
+        bar_sync(kBarS0, kThreads);
+        JFM_STAMP(1);
+        const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
+        const float s0_lo = sm.scale0[r_lo], s0_hi = sm.scale0[r_hi];
+        const float new_lo = next_max(m0_lo, mx_lo * scale_log2);
+        const float new_hi = next_max(m0_hi, mx_hi * scale_log2);
+        const float s1_lo = rescale_factor(m0_lo, new_lo), s1_hi = rescale_factor(m0_hi, new_hi);
+        if (has1) {
+          const float f_lo = rescale_factor(mt_lo, new_lo), f_hi = rescale_factor(mt_hi, new_hi);
+          sum_lo *= f_lo;
+          sum_hi *= f_hi;
+          pack_p<T>(s, f_lo, f_hi, pf);
+#else
         bar_sync(kBarS0, kThreads);
         JFM_STAMP(1);
         const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
         const float s0_lo = sm.scale0[r_lo], s0_hi = sm.scale0[r_hi];
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
         if (has1) mask_and_max(s, b + 1, pc, mx_lo, mx_hi);
-        const float new_lo = fmaxf(m0_lo, mx_lo * scale_log2);
-        const float new_hi = fmaxf(m0_hi, mx_hi * scale_log2);
-        const float s1_lo = fast_exp2(m0_lo - new_lo), s1_hi = fast_exp2(m0_hi - new_hi);
+        const float new_lo = next_max(m0_lo, mx_lo * scale_log2);
+        const float new_hi = next_max(m0_hi, mx_hi * scale_log2);
+        const float s1_lo = rescale_factor(m0_lo, new_lo), s1_hi = rescale_factor(m0_hi, new_hi);
         float sum_lo = 0.f, sum_hi = 0.f;
         if (has1) {
           exp_rows(s, scale_log2, new_lo, new_hi, sum_lo, sum_hi);
           pack_p<T>(s, 1.f, 1.f, pf);
+#endif
           // In Q's RoPE tile, the last P1 may still be read by WG0's PV.
           if (b > pc.start) bar_sync(kBarP1Free, kThreads);
           store_p<T>(pf, sp1, r_lo, r_hi);
@@ -720,7 +770,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         bar_arrive(kBarS1, kThreads);
         JFM_STAMP(2);
         // O_R absorbs both max updates of the pair at once; P0 arrives already at scale M1.
-        scale_rows(o, s0_lo * s1_lo, s0_hi * s1_hi);
+        rescale_rows(o, s0_lo * s1_lo, s0_hi * s1_hi);
         l_lo = l_lo * (s0_lo * s1_lo) + sum_lo;
         l_hi = l_hi * (s0_hi * s1_hi) + sum_hi;
         m_lo = new_lo;
@@ -783,13 +833,35 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
   }
 #ifdef JFM_TRACE
   if (threadIdx.x == 0 && mb == 0 && kvh == 0 && part == 0 && atomicExch(&g_trace_printed, 1) == 0) {
-    for (int w = 0; w < 2; ++w)
-      for (int i = 0; i < kTracePairs; ++i)
-        for (int e = 0; e < kTraceEvents; ++e)
-          printf("JFM_TRACE %d %d %d %u\n", w, i, e, sm.trace[(w * kTracePairs + i) * kTraceEvents + e]);
+    for (int i = 0; i < 2 * kTracePairs * kTraceEvents; ++i) g_trace[i] = sm.trace[i];
   }
 #endif
 }
+
+#ifdef JFM_TRACE
+// Prints the first launch's stamps once, from the host. Needs the stream not to be captured
+// (run.sh trace turns XLA's command buffers off).
+void dump_trace(cudaStream_t stream) {
+  static bool printed = false;
+  cudaStreamCaptureStatus status;
+  if (printed || cudaStreamIsCapturing(stream, &status) != cudaSuccess ||
+      status != cudaStreamCaptureStatusNone || cudaStreamSynchronize(stream) != cudaSuccess) {
+    return;
+  }
+  int written = 0;
+  uint32_t stamps[2 * kTracePairs * kTraceEvents];
+  if (cudaMemcpyFromSymbol(&written, g_trace_printed, sizeof(written)) != cudaSuccess || !written ||
+      cudaMemcpyFromSymbol(stamps, g_trace, sizeof(stamps)) != cudaSuccess) {
+    return;
+  }
+  printed = true;
+  for (int w = 0; w < 2; ++w)
+    for (int i = 0; i < kTracePairs; ++i)
+      for (int e = 0; e < kTraceEvents; ++e)
+        printf("JFM_TRACE %d %d %d %u\n", w, i, e, stamps[(w * kTracePairs + i) * kTraceEvents + e]);
+  fflush(stdout);
+}
+#endif
 
 template <typename T, KvFormat F>
 cudaError_t launch_kernel(const DecodeParams& p, const CUtensorMap& map, const CUtensorMap& rope,
@@ -815,7 +887,13 @@ cudaError_t launch_pipelined_t(const DecodeParams& p, cudaStream_t stream) {
                                      : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
       sizeof(T), kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE);
   if (r != CUDA_SUCCESS) return tensor_map_error(r);
+#ifdef JFM_TRACE
+  const cudaError_t err = launch_kernel<T, KvFormat::kNative>(p, map, map, nullptr, stream);
+  if (err == cudaSuccess) dump_trace(stream);
+  return err;
+#else
   return launch_kernel<T, KvFormat::kNative>(p, map, map, nullptr, stream);
+#endif
 }
 
 }  // namespace

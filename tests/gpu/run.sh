@@ -230,15 +230,23 @@ fi
 
 # Last: it reinstalls the package as the trace build, which every later stage would use.
 if want trace; then  # timeline probe: a -DJFM_TRACE build prints SM-clock stamps of CTA (0,0,0)
+  # (TRACE_FLAGS: more macros for that build, e.g. an experiment's)
   t0=$(date +%s)
-  CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-DJFM_TRACE" python3 -m pip install --no-build-isolation --no-deps \
+  CMAKE_ARGS="'-DCMAKE_CUDA_FLAGS=-DJFM_TRACE ${TRACE_FLAGS:-}'" python3 -m pip install --no-build-isolation --no-deps \
     --config-settings=build-dir=build/trace -v . > "$OUT/build_trace.log" 2>&1 \
     || { tail -30 "$OUT/build_trace.log"; note "trace build: FAILED"; }
   note "trace build: $(( $(date +%s) - t0 )) s"
-  for c in ${TRACE_CASES:-"s_q=2,h_q=128,s_k=16384" "s_q=1,h_q=16,s_k=16384"}; do
-    python3 -m jax_flashmla.bench --no-naive --reps 1 --target-ms 1 --cases "$c" 2>&1 \
-      | grep JFM_TRACE > "$OUT/trace_${c//[=,]/_}.txt"
-    note "trace $c: $(wc -l < "$OUT/trace_${c//[=,]/_}.txt") stamps"
+  # The host prints the stamps after the first launch (dump_trace), which it cannot do inside a
+  # CUDA graph capture: XLA's command buffers are off here. TRACE_TUNING=1: the no-loads build.
+  for c in ${TRACE_CASES:-"s_q=2,h_q=128,s_k=16384"}; do
+    for tu in ${TRACE_TUNING:-0}; do
+      f="$OUT/trace_${c//[=,]/_}_t$tu.txt"
+      XLA_FLAGS="--xla_gpu_enable_command_buffer=" JAX_FLASHMLA_TUNING=$tu \
+        python3 -m jax_flashmla.bench --no-naive --reps 1 --target-ms 1 --cases "$c" 2>&1 \
+        | grep JFM_TRACE > "$f"
+      note "trace $c tuning=$tu: $(wc -l < "$f") stamps"
+      python3 tests/gpu/trace_table.py "$f" >> "$SUMMARY"
+    done
   done
 fi
 
