@@ -719,29 +719,6 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
       } else {
         JFM_STAMP(0);
         if (has3) ld.issue(issuer && refills, 1, page3, 8, 9);  // QK^T(b + 1) is done
-#ifdef JFM_EXP_EARLY
-        // P1 at this warpgroup's own running max first, so that this softmax runs beside WG0's
-        // instead of after its M0; with the lazy max M0 is almost always that same max, else
-        // P1 is corrected by 2^(mt - M1) when packed.
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
-        if (has1) mask_and_max(s, b + 1, pc, mx_lo, mx_hi);
-        const float mt_lo = next_max(m_lo, mx_lo * scale_log2);
-        const float mt_hi = next_max(m_hi, mx_hi * scale_log2);
-        float sum_lo = 0.f, sum_hi = 0.f;
-        if (has1) exp_rows(s, scale_log2, mt_lo, mt_hi, sum_lo, sum_hi);
-        bar_sync(kBarS0, kThreads);
-        JFM_STAMP(1);
-        const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
-        const float s0_lo = sm.scale0[r_lo], s0_hi = sm.scale0[r_hi];
-        const float new_lo = next_max(m0_lo, mx_lo * scale_log2);
-        const float new_hi = next_max(m0_hi, mx_hi * scale_log2);
-        const float s1_lo = rescale_factor(m0_lo, new_lo), s1_hi = rescale_factor(m0_hi, new_hi);
-        if (has1) {
-          const float f_lo = rescale_factor(mt_lo, new_lo), f_hi = rescale_factor(mt_hi, new_hi);
-          sum_lo *= f_lo;
-          sum_hi *= f_hi;
-          pack_p<T>(s, f_lo, f_hi, pf);
-#else
         bar_sync(kBarS0, kThreads);
         JFM_STAMP(1);
         const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
@@ -755,7 +732,6 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         if (has1) {
           exp_rows(s, scale_log2, new_lo, new_hi, sum_lo, sum_hi);
           pack_p<T>(s, 1.f, 1.f, pf);
-#endif
           // In Q's RoPE tile, the last P1 may still be read by WG0's PV.
           if (b > pc.start) bar_sync(kBarP1Free, kThreads);
           store_p<T>(pf, sp1, r_lo, r_hi);

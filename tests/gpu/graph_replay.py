@@ -20,12 +20,13 @@ import jax_flashmla as fm  # noqa: E402
 from gpu_cases import make_merged  # noqa: E402
 
 
-def main(out_path: str, batch: int = 8, s_k: int = 2000, time_it: bool = False):
-    q, kc, bt, sl = make_merged(21, [(batch, s_k, True, 0.0)], 2, 128, 1, jnp.bfloat16)
+def main(out_path: str, batch: int = 8, s_k: int = 2000, time_it: bool = False, h_q: int = 128):
+    # h_q = 128: the pipelined kernel; h_q = 8 (16 query rows): the narrow kernel.
+    q, kc, bt, sl = make_merged(21, [(batch, s_k, True, 0.0)], 2, h_q, 1, jnp.bfloat16)
 
     @jax.jit
     def step(q, kc, bt, sl):
-        md, ns = fm.get_mla_metadata(sl, 256, 1)  # shared by the two "layers"
+        md, ns = fm.get_mla_metadata(sl, 2 * h_q, 1)  # shared by the two "layers"
         o1, l1 = fm.flash_mla_with_kvcache(q, kc, bt, sl, 512, md, ns, causal=True)
         o2, l2 = fm.flash_mla_with_kvcache(o1[..., :1].astype(q.dtype) + q, kc, bt, sl, 512, md,
                                            ns, causal=True)
@@ -51,4 +52,5 @@ def main(out_path: str, batch: int = 8, s_k: int = 2000, time_it: bool = False):
 
 if __name__ == "__main__":
     sizes = [int(a) for a in sys.argv[2:] if a.isdigit()]  # optional: batch, s_k
-    main(sys.argv[1], *sizes, time_it="--time" in sys.argv)
+    heads = [int(a.split("=")[1]) for a in sys.argv[2:] if a.startswith("--h_q=")]
+    main(sys.argv[1], *sizes, time_it="--time" in sys.argv, h_q=heads[-1] if heads else 128)

@@ -184,17 +184,18 @@ def test_vmap_folds_into_batch():
 _GRAPH_SCRIPT = os.path.join(os.path.dirname(__file__), "graph_replay.py")
 
 
-def _run_graph_script(flags, out_path):
+def _run_graph_script(flags, out_path, h_q):
     env = dict(os.environ, XLA_FLAGS=flags)
-    res = subprocess.run([sys.executable, _GRAPH_SCRIPT, out_path], env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run([sys.executable, _GRAPH_SCRIPT, out_path, f"--h_q={h_q}"], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     return dict(np.load(out_path))
 
 
-def test_command_buffers_on_and_off_agree(tmp_path):
-    on = _run_graph_script("--xla_gpu_graph_min_graph_size=1", str(tmp_path / "on.npz"))
-    off = _run_graph_script("--xla_gpu_enable_command_buffer=", str(tmp_path / "off.npz"))
+@pytest.mark.parametrize("h_q", [128, 8])  # the pipelined kernel; the narrow kernel (16 rows)
+def test_command_buffers_on_and_off_agree(tmp_path, h_q):
+    on = _run_graph_script("--xla_gpu_graph_min_graph_size=1", str(tmp_path / "on.npz"), h_q)
+    off = _run_graph_script("--xla_gpu_enable_command_buffer=", str(tmp_path / "off.npz"), h_q)
     assert set(on) == set(off) and len(on) >= 6
     for k in on:
         np.testing.assert_array_equal(on[k], off[k], err_msg=k)
