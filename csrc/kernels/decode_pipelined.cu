@@ -235,7 +235,7 @@ __device__ __forceinline__ void store_p(const uint32_t (&pf)[4][4], T* sp, int r
 // units; FlashAttention-4's lazy rescaling), so P = 2^(S * scale - m) <= 2^kMaxSlack, and once
 // a row's max has settled its scales are exactly 1 and O's rescale is skipped (rescale_rows).
 // The result is the same function: O and the row sum l are kept at the same m, and
-// lse = log2(l) + m; only where bf16/fp16 rounds P moves (P <= 256 instead of <= 1).
+// lse = log2(l) + m; only the bf16/fp16 rounding of P differs (P <= 256 instead of <= 1).
 constexpr float kMaxSlack = 8.f;
 __device__ __forceinline__ float next_max(float m, float page_max) {
   return page_max > m + kMaxSlack ? page_max : m;

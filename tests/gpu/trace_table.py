@@ -31,10 +31,13 @@ def main(path):
             for p in pairs:
                 base = stamps[(0, p)].get(0)
                 clk = stamps[(wg, p)].get(ev)
-                rel.append(None if base is None or clk is None else (clk - base) % (1 << 32))
+                # %clock wraps at 2^32; an event may precede WG0's pair start (negative).
+                rel.append(None if base is None or clk is None
+                           else (clk - base + (1 << 31)) % (1 << 32) - (1 << 31))
             vals = [r for p, r in zip(pairs, rel) if p in steady and r is not None]
             mean = sum(vals) / len(vals) if vals else float("nan")
             cells = " ".join(f"{r:6d}" if r is not None else "     -" for r in rel)
+            # (stamps of events a pair did not reach are left-over shared memory)
             print(f"WG{wg} {ev} {name:26s} mean {mean:7.0f} | {cells}")
     starts = [stamps[(0, p)].get(0) for p in pairs]
     gaps = [(b - a) % (1 << 32) for a, b in zip(starts, starts[1:]) if a is not None and b is not None]
