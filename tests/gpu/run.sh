@@ -17,6 +17,19 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build test sanitize graphs bench)
 want() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 note() { echo "$*" | tee -a "$SUMMARY"; }
+# compute-sanitizer segfaults at start now and then (rc 139, no output past its banner): runs
+# "$@" with its output appended to log $1, up to three tries while it segfaults (every try stays
+# in the log); returns the last try's status.
+sanitizer_retry() {
+  local log=$1 try rc; shift
+  for try in 1 2 3; do
+    rc=0
+    "$@" >> "$log" 2>&1 || rc=$?
+    [ $rc -ne 139 ] && return $rc
+    echo "compute-sanitizer segfaulted (try $try): ${*: -1}" >> "$log"
+  done
+  return $rc
+}
 export PYTHONUNBUFFERED=1
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -97,18 +110,14 @@ if want sanitize || want sanitize-fp8; then  # the FP8 KV-cache kernels (issue 5
   # (each case alone is clean). --show-backtrace no: its host backtrace collection segfaulted
   # (dmesg: inside compute-sanitizer) on the two long with-scale cases every time; without it
   # they run to the end with 0 errors (an error is still reported, only without a host stack).
-  # compute-sanitizer also segfaults at start now and then (rc 139, no output past its banner):
-  # such a run is retried, up to three tries, and every try stays in the log.
+  # Segfaults of compute-sanitizer itself are retried (sanitizer_retry).
   : > "$OUT/sanitize_fp8.log"; rc=0
   for c in ${SANITIZE_FP8_CASES:-$(seq 0 $(( $(grep -c '^    ("fp8_' tests/gpu/fp8_sanitize_cases.py) - 1 )))}; do
-    for try in 1 2 3; do
-      crc=0
-      XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
-        timeout 200 compute-sanitizer --tool memcheck --show-backtrace no --error-exitcode 3 --kernel-name kns=jfm \
-        python3 tests/gpu/fp8_sanitize_cases.py $c >> "$OUT/sanitize_fp8.log" 2>&1 || crc=$?
-      [ $crc -eq 139 ] && { echo "case $c: compute-sanitizer segfaulted (try $try)" >> "$OUT/sanitize_fp8.log"; continue; }
-      break
-    done
+    crc=0
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      sanitizer_retry "$OUT/sanitize_fp8.log" \
+      timeout 200 compute-sanitizer --tool memcheck --show-backtrace no --error-exitcode 3 --kernel-name kns=jfm \
+      python3 tests/gpu/fp8_sanitize_cases.py $c || crc=$?
     [ $crc -ne 0 ] && rc=$crc
   done
   grep -E "ok:|ERROR SUMMARY" "$OUT/sanitize_fp8.log" | tail -16
@@ -116,16 +125,12 @@ if want sanitize || want sanitize-fp8; then  # the FP8 KV-cache kernels (issue 5
 fi
 
 if want racecheck; then  # shared-memory hazards (default: the narrow kernel's two consumer warpgroups)
-  : > "$OUT/racecheck.log"
-  for try in 1 2 3; do  # retried like memcheck above when the tool itself segfaults
-    XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
-      timeout 200 compute-sanitizer --tool racecheck --racecheck-report hazard --show-backtrace no --error-exitcode 3 \
-      --kernel-name kns=${RACECHECK_KERNEL:-narrow} python3 tests/gpu/fp8_sanitize_cases.py ${RACECHECK_CASES:-2 6} \
-      >> "$OUT/racecheck.log" 2>&1
-    rc=$?
-    [ $rc -eq 139 ] && { echo "compute-sanitizer segfaulted (try $try)" >> "$OUT/racecheck.log"; continue; }
-    break
-  done
+  : > "$OUT/racecheck.log"; rc=0
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    sanitizer_retry "$OUT/racecheck.log" \
+    timeout 200 compute-sanitizer --tool racecheck --racecheck-report hazard --show-backtrace no --error-exitcode 3 \
+    --kernel-name kns=${RACECHECK_KERNEL:-narrow} python3 tests/gpu/fp8_sanitize_cases.py ${RACECHECK_CASES:-2 6} \
+    || rc=$?
   grep -E "ok:|SUMMARY" "$OUT/racecheck.log" | tail -6
   note "racecheck (fp8 ${RACECHECK_KERNEL:-narrow}): rc=$rc $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1)"
 fi

@@ -40,8 +40,8 @@ __global__ void __launch_bounds__(256, 1) rate_kernel(int nwg, int distinct, uns
   __syncthreads();
   const int wg = threadIdx.x / 128;
   if (wg >= nwg) return;
-  // Layout as in the decode kernel: Q at 0 (72 KB), K at 72 KB (72 KB), P at 144 KB (8 KB);
-  // the second warpgroup uses K' at 152 KB ... well within 200 KB (it reads Q's tiles too).
+  // Layout as in the decode kernel: Q at 0 (72 KB), K at 72 KB (72 KB), each warpgroup's P tile
+  // at 144 KB + 8 KB * wg; both warpgroups read Q and K.
   // distinct: as in the decode kernel, the second warpgroup reads its own page buffer K' at
   // 144 KB (no P tile then) and QK^T takes the tiles in WG1's order 8, 4-7, 0-3.
   const uint32_t q = base, k = base + (distinct && wg ? 147456 : 73728), p = base + 147456 + 8192 * wg;
