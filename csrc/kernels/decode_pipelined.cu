@@ -85,7 +85,7 @@ constexpr int kBarsPerBuf = 10;
 constexpr int kRawRope = 4, kReady = 5;
 
 #ifdef JFM_TRACE
-constexpr int kTracePairs = 7, kTraceEvents = 10;  // timeline probe (see trace_stamp)
+constexpr int kTracePairs = 5, kTraceEvents = 12;  // timeline probe (see trace_stamp)
 #ifndef JFM_TRACE_FIRST_PAIR
 #define JFM_TRACE_FIRST_PAIR 0  // the first pair stamped (later ones: a settled running max)
 #endif
@@ -132,9 +132,22 @@ __device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, in
       "@p st.shared.u32 [%0], t;\n}\n"
       :: "r"(addr), "r"((int)(on && in_range)) : "memory");
 }
+// The same, once `dep` is computed: its register is an operand, so the clock read waits for it.
+__device__ __forceinline__ void trace_stamp_after(bool on, uint32_t* slots, int wg, int pair,
+                                                  int ev, float dep) {
+  const bool in_range = pair >= 0 && pair < kTracePairs;
+  const int slot = (wg * kTracePairs + (in_range ? pair : 0)) * kTraceEvents + ev;
+  const uint32_t addr = smem_addr(slots + slot);
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .u32 t;\n.reg .f32 d;\nsetp.ne.b32 p, %1, 0;\nmov.f32 d, %2;\n"
+      "mov.u32 t, %%clock;\n@p st.shared.u32 [%0], t;\n}\n"
+      :: "r"(addr), "r"((int)(on && in_range)), "f"(dep) : "memory");
+}
 #define JFM_STAMP(ev) trace_stamp(trace_on, sm.trace, wg, trace_pair, ev)
+#define JFM_STAMP_AFTER(ev, dep) trace_stamp_after(trace_on, sm.trace, wg, trace_pair, ev, dep)
 #else
 #define JFM_STAMP(ev) ((void)0)
+#define JFM_STAMP_AFTER(ev, dep) ((void)0)
 #endif
 
 // Everything a warpgroup needs to issue and wait for page tiles.
@@ -218,17 +231,62 @@ __device__ __forceinline__ void pack_p(const float (&s)[8][4], float sc_lo, floa
   }
 }
 
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               :: "r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
 // Those fragments as the [64 x 64] SW128 tile `sp` (the other warpgroup's SS operand), fenced
-// for wgmma.
+// for wgmma: one stmatrix per 16 keys (4 instructions, not 16 stores and their addresses: the
+// softmax phases are instruction-fetch bound, perf-notes v5.8). pf[kk] holds the 8 x 8
+// matrices (rows r_lo, chunk 2kk), (r_hi, 2kk), (r_lo, 2kk + 1), (r_hi, 2kk + 1) in stmatrix's
+// fragment layout; lane L gives the address of row L % 8 of matrix L / 8.
 template <typename T>
-__device__ __forceinline__ void store_p(const uint32_t (&pf)[4][4], T* sp, int r_lo, int r_hi) {
-  const int within = 2 * (threadIdx.x % 4);
+__device__ __forceinline__ void store_p(const uint32_t (&pf)[4][4], T* sp, int r_lo) {
+  const int lane = threadIdx.x % 32, mat = lane / 8;
+  const int row = (r_lo & ~15) + (mat & 1) * 8 + lane % 8;
+  const uint32_t base = smem_addr(sp) + row * 128;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    *reinterpret_cast<uint32_t*>(sp + p_offset(r_lo, j) + within) = pf[j / 2][2 * (j & 1)];
-    *reinterpret_cast<uint32_t*>(sp + p_offset(r_hi, j) + within) = pf[j / 2][2 * (j & 1) + 1];
+  for (int kk = 0; kk < 4; ++kk) {
+    stmatrix_x4(base + (((2 * kk + (mat >> 1)) ^ (row & 7)) << 4), pf[kk]);
   }
   fence_proxy_async();
+}
+
+// mask_and_max (decode_common.cuh) with each row maximum as a tree (4 dependent FMNMX, not 16),
+// each key compared with the border less the thread's first key (an immediate per compare, no
+// add), and no compares at all for a warp with every key inside its borders.
+__device__ __forceinline__ void mask_and_max_tree(float (&s)[8][4], int blk, const Piece& pc,
+                                                  float& mx_lo, float& mx_hi) {
+  const int first = blk * kPageSize + 2 * (threadIdx.x % 4);
+  const int d_lo = pc.border_lo - first, d_hi = pc.border_hi - first;
+  float lo[8], hi[8];
+  // A thread's keys are first + 8j + e, e < 2: a warp whose keys are all inside its rows'
+  // borders (every page but a request's last one or two) skips the selects.
+  if (!__all_sync(0xffffffffu, d_lo > 57 && d_hi > 57)) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[j][e] = j * 8 + e < d_lo ? s[j][e] : -INFINITY;
+        s[j][2 + e] = j * 8 + e < d_hi ? s[j][2 + e] : -INFINITY;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    lo[j] = fmaxf(s[j][0], s[j][1]);
+    hi[j] = fmaxf(s[j][2], s[j][3]);
+  }
+#pragma unroll
+  for (int w = 4; w >= 1; w /= 2) {
+#pragma unroll
+    for (int j = 0; j < w; ++j) {
+      lo[j] = fmaxf(lo[j], lo[j + w]);
+      hi[j] = fmaxf(hi[j], hi[j + w]);
+    }
+  }
+  mx_lo = quad_max(lo[0]);
+  mx_hi = quad_max(hi[0]);
 }
 
 // The running row max moves only when a page's maximum exceeds it by more than kMaxSlack (log2
@@ -281,6 +339,29 @@ __device__ __forceinline__ void load_q_rope(const T* sq, uint32_t (&rq)[4][4], i
   }
 }
 
+// The descriptor of base + off from base's: the 14-bit address field holds addr >> 4 and shared
+// addresses stay below 2^18, so adding off >> 4 to the low word never carries out of the field
+// (one add per operand per wgmma instead of the mask, shift and or of smem_desc: the pair's
+// softmax phases are instruction-fetch bound, perf-notes v5.8).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t off) {
+  return ((d >> 32) << 32) | (uint32_t)((uint32_t)d + (off >> 4));
+}
+// pv_issue (decode_common.cuh) with its descriptors so.
+template <typename T>
+__device__ __forceinline__ void pv_issue_desc(float (&o)[32][4], const T* sp, const T* sv,
+                                              int half) {
+  float (&of)[128] = reinterpret_cast<float(&)[128]>(o);
+  const uint64_t p_desc = smem_desc(smem_addr(sp), 16, 1024);
+  const uint64_t v_desc = smem_desc(smem_addr(sv) + half * 4 * kColBlockBytes, kColBlockBytes, 1024);
+  fence_regs(of);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kPageSize / 16; ++ks) {
+    MmaOp<T>::pv(of, desc_plus(p_desc, ks * 32), desc_plus(v_desc, ks * 16 * 128));
+  }
+  wgmma_commit();
+}
+
 // Issues S = Q K^T over the page in buffer `buf`, each tile's MMAs as soon as its load lands
 // (tile 8 with Q's RoPE from registers); one commit group, not waited for. Tiles i0..i1-1 of
 // the warpgroup's order only: a range that starts at 0 starts S from zero, one that does not
@@ -295,6 +376,7 @@ __device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const ui
     for (int i = 0; i < 32; ++i) sf[i] = 0.f;
   }
   const uint32_t q_base = smem_addr(sq), k_base = ld.k_base[buf];
+  const uint64_t q_desc = smem_desc(q_base, 16, 1024), k_desc = smem_desc(k_base, 16, 1024);
   fence_regs(sf);
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
@@ -306,9 +388,9 @@ __device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const ui
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t off = t * kColBlockBytes + kk * 32;
       if (t == kTiles - 1) {
-        wgmma_rs_m64n64k16<T>(sf, rq[kk], smem_desc(k_base + off, 16, 1024));
+        wgmma_rs_m64n64k16<T>(sf, rq[kk], desc_plus(k_desc, off));
       } else {
-        MmaOp<T>::qk(sf, smem_desc(q_base + off, 16, 1024), smem_desc(k_base + off, 16, 1024), 1);
+        MmaOp<T>::qk(sf, desc_plus(q_desc, off), desc_plus(k_desc, off), 1);
       }
     }
   }
@@ -333,10 +415,10 @@ __device__ __forceinline__ void pv_issue_rs(float (&o)[32][4], const uint32_t (&
   const uint32_t v_base = smem_addr(sv) + half * 4 * kColBlockBytes;
   fence_regs(of);
   wgmma_fence();
+  const uint64_t v_desc = smem_desc(v_base, kColBlockBytes, 1024);
 #pragma unroll
   for (int ks = 0; ks < kPageSize / 16; ++ks) {
-    wgmma_rs_m64n256k16_tnsp_b<T>(of, pf[ks],
-                                  smem_desc(v_base + ks * 16 * 128, kColBlockBytes, 1024));
+    wgmma_rs_m64n256k16_tnsp_b<T>(of, pf[ks], desc_plus(v_desc, ks * 16 * 128));
   }
   wgmma_commit();
 }
@@ -634,7 +716,8 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         JFM_STAMP(0);
         if (has2) ld.issue(issuer && refills, 0, page2, 8, 9);  // QK^T(b) is done with the RoPE tile
         float mx_lo, mx_hi;
-        mask_and_max(s, b, pc, mx_lo, mx_hi);
+        mask_and_max_tree(s, b, pc, mx_lo, mx_hi);
+        JFM_STAMP_AFTER(9, mx_lo + mx_hi);
         const float new_lo = next_max(m_lo, mx_lo * scale_log2);
         const float new_hi = next_max(m_hi, mx_hi * scale_log2);
         const float s0_lo = rescale_factor(m_lo, new_lo), s0_hi = rescale_factor(m_hi, new_hi);
@@ -650,6 +733,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         JFM_STAMP(1);
         float sum_lo, sum_hi;
         exp_rows(s, scale_log2, new_lo, new_hi, sum_lo, sum_hi);
+        JFM_STAMP_AFTER(10, sum_lo + sum_hi);
         pack_p<T>(s, 1.f, 1.f, pf);  // P0
         l_lo = l_lo * s0_lo + sum_lo;
         l_hi = l_hi * s0_hi + sum_hi;
@@ -669,9 +753,11 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         m_hi = sm.m[r_hi];
         // WG1 takes P0 at its own (newer) max: P0 * s1 into sp0, once WG1's PV of the previous
         // pair's P0 has retired.
-        pack_p<T>(s, s1_lo, s1_hi, pf);
+        // pf still holds P0 at scale 1 (its PV has retired): repacked only in a warp where s1
+        // moved a row's max (with the lazy max, rarely).
+        if (__any_sync(0xffffffffu, s1_lo != 1.f || s1_hi != 1.f)) pack_p<T>(s, s1_lo, s1_hi, pf);
         if (b > pc.start) bar_sync(kBarP0Free, kThreads);
-        store_p<T>(pf, sm.p0, r_lo, r_hi);
+        store_p<T>(pf, sm.p0, r_lo);
         fetch_next_pages();
         bar_arrive(kBarP0Ready, kThreads);
         rescale_rows(o, s1_lo, s1_hi);
@@ -685,7 +771,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           // rest once PV(P1) has retired and K1's V_L refill is issued (FlashMLA's WG0 order).
           ld.wait_tiles(1, 0, 4, par1);
           JFM_STAMP(5);
-          pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
+          pv_issue_desc<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
           ld.skip_waits = !refills;
           qk_issue<T, 0>(s, sm.q, rq, ld, 0, par0 ^ 1, 0, 5);
           wgmma_wait<1>();  // PV(P1) retired (groups retire in order)
@@ -705,7 +791,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
             JFM_STAMP(5);
             const int valid1 = valid_rows(pc.seqlen, b + 1);
             if (valid1 < kPageSize) zero_rows(sm.k[1], 0, valid1, wg_tid, 0);
-            pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
+            pv_issue_desc<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
             pv_wait(o);
             JFM_STAMP(6);
           }
@@ -724,17 +810,20 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         const float m0_lo = sm.m[r_lo], m0_hi = sm.m[r_hi];
         const float s0_lo = sm.scale0[r_lo], s0_hi = sm.scale0[r_hi];
         float mx_lo = -INFINITY, mx_hi = -INFINITY;
-        if (has1) mask_and_max(s, b + 1, pc, mx_lo, mx_hi);
+        if (has1) mask_and_max_tree(s, b + 1, pc, mx_lo, mx_hi);
+        JFM_STAMP_AFTER(9, mx_lo + mx_hi + m0_lo + m0_hi);
         const float new_lo = next_max(m0_lo, mx_lo * scale_log2);
         const float new_hi = next_max(m0_hi, mx_hi * scale_log2);
         const float s1_lo = rescale_factor(m0_lo, new_lo), s1_hi = rescale_factor(m0_hi, new_hi);
         float sum_lo = 0.f, sum_hi = 0.f;
         if (has1) {
           exp_rows(s, scale_log2, new_lo, new_hi, sum_lo, sum_hi);
+          JFM_STAMP_AFTER(10, sum_lo + sum_hi);
           pack_p<T>(s, 1.f, 1.f, pf);
           // In Q's RoPE tile, the last P1 may still be read by WG0's PV.
           if (b > pc.start) bar_sync(kBarP1Free, kThreads);
-          store_p<T>(pf, sp1, r_lo, r_hi);
+          store_p<T>(pf, sp1, r_lo);
+          JFM_STAMP(11);
         }
         fetch_next_pages();
         if (quad_leader) {
@@ -755,7 +844,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           const int valid1 = valid_rows(pc.seqlen, b + 1);
           if (valid1 < kPageSize) zero_rows(sm.k[1], 4, valid1, wg_tid, 1);
           // From sp1, not pf: the registers are not there to keep pf and rq across the PVs.
-          pv_issue<T>(o, sp1, sm.k[1], 1);  // O_R += P1 V1_R
+          pv_issue_desc<T>(o, sp1, sm.k[1], 1);  // O_R += P1 V1_R
           JFM_STAMP(8);
         }
         ld.wait_tiles(0, 4, 8, par0);  // V0_R landed (WG0's QK^T saw it; made visible here)
@@ -764,7 +853,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         JFM_STAMP(3);
         bar_sync(kBarP0Ready, kThreads);
         JFM_STAMP(4);
-        pv_issue<T>(o, sm.p0, sm.k[0], 1);  // O_R += (P0 s1) V0_R
+        pv_issue_desc<T>(o, sm.p0, sm.k[0], 1);  // O_R += (P0 s1) V0_R
         if (has1) {
           wgmma_wait<1>();  // PV(P1) retired (groups retire in order)
           fence_regs(reinterpret_cast<float(&)[128]>(o));

@@ -2,7 +2,7 @@
 # GPU check on the lent Hopper machine: build, GPU tests, memcheck, benchmark; short table last.
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
-#                    [racecheck] [ncu] [wgmma-rate] [trace] [build-exp] [cluster-probe]
+#                    [racecheck] [ncu] [wgmma-rate] [xu-rate] [icache-probe] [trace] [build-exp] [cluster-probe]
 #                    [power]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
@@ -224,6 +224,20 @@ if want wgmma-rate; then  # wgmma shapes of the decode kernel in isolation (cycl
     -o /tmp/wgmma_rate > "$OUT/wgmma_rate.log" 2>&1 && /tmp/wgmma_rate >> "$OUT/wgmma_rate.log" 2>&1
   note "wgmma-rate: rc=$?"
   grep WGMMA_RATE "$OUT/wgmma_rate.log" | tee -a "$SUMMARY"
+fi
+
+if want xu-rate; then  # softmax instruction rates in isolation (MUFU ex2, F2FP, FMA-pipe 2^x)
+  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 tests/gpu/xu_rate.cu \
+    -o /tmp/xu_rate > "$OUT/xu_rate.log" 2>&1 && /tmp/xu_rate >> "$OUT/xu_rate.log" 2>&1
+  note "xu-rate: rc=$?"
+  grep XU_RATE "$OUT/xu_rate.log" | tee -a "$SUMMARY"
+fi
+
+if want icache-probe; then  # cycles per instruction of straight-line code as its size grows
+  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 tests/gpu/icache_probe.cu \
+    -o /tmp/icache_probe > "$OUT/icache_probe.log" 2>&1 && /tmp/icache_probe >> "$OUT/icache_probe.log" 2>&1
+  note "icache-probe: rc=$?"
+  grep ICACHE "$OUT/icache_probe.log" | tee -a "$SUMMARY"
 fi
 
 if want bench-mma; then  # the v1 (mma.sync) kernel on the same grid, for comparison

@@ -6,9 +6,11 @@ from collections import defaultdict
 
 EVENTS = {
     0: ["pair start", "M0 published", "P0 packed, O_L rescaled", "PV(P0) retired",
-        "S1 seen", "V1_L landed", "PV(P1) retired", "P1Free + refill issued", "QK^T(b+2) done"],
+        "S1 seen", "V1_L landed", "PV(P1) retired", "P1Free + refill issued", "QK^T(b+2) done",
+        "row max done", "exps done"],
     1: ["pair start", "S0 seen", "S1 published", "V0_R landed", "P0Ready seen", "PVs retired",
-        "QK^T(b+3) issue", "QK^T(b+3) done", "PV(P1) issued"],
+        "QK^T(b+3) issue", "QK^T(b+3) done", "PV(P1) issued", "row max done (M0 read)",
+        "exps done", "P1 stored, fenced"],
 }
 
 
