@@ -237,9 +237,9 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4
 }
 // Those fragments as the [64 x 64] SW128 tile `sp` (the other warpgroup's SS operand), fenced
 // for wgmma: one stmatrix per 16 keys (4 instructions, not 16 stores and their addresses: the
-// softmax phases are instruction-fetch bound, perf-notes v5.8). pf[kk] holds the 8 x 8
-// matrices (rows r_lo, chunk 2kk), (r_hi, 2kk), (r_lo, 2kk + 1), (r_hi, 2kk + 1) in stmatrix's
-// fragment layout; lane L gives the address of row L % 8 of matrix L / 8.
+// softmax phases run at the latency of their instruction chains, perf-notes v5.8). pf[kk]
+// holds the 8 x 8 matrices (rows r_lo, chunk 2kk), (r_hi, 2kk), (r_lo, 2kk + 1), (r_hi,
+// 2kk + 1) in stmatrix's fragment layout; lane L gives the address of row L % 8 of matrix L / 8.
 template <typename T>
 __device__ __forceinline__ void store_p(const uint32_t (&pf)[4][4], T* sp, int r_lo) {
   const int lane = threadIdx.x % 32, mat = lane / 8;
@@ -341,8 +341,8 @@ __device__ __forceinline__ void load_q_rope(const T* sq, uint32_t (&rq)[4][4], i
 
 // The descriptor of base + off from base's: the 14-bit address field holds addr >> 4 and shared
 // addresses stay below 2^18, so adding off >> 4 to the low word never carries out of the field
-// (one add per operand per wgmma instead of the mask, shift and or of smem_desc: the pair's
-// softmax phases are instruction-fetch bound, perf-notes v5.8).
+// (one add per operand per wgmma instead of the mask, shift and or of smem_desc: every
+// instruction of a pair counts, perf-notes v5.8).
 __device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t off) {
   return ((d >> 32) << 32) | (uint32_t)((uint32_t)d + (off >> 4));
 }

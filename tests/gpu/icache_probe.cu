@@ -1,6 +1,7 @@
 // Instruction-fetch probe (run.sh icache-probe): cycles per instruction of straight-line FFMA
-// code as its size grows, to see where the decode kernel's per-pair code (~40-70 KB, executed
-// once per ~6.6k-cycle pair by each warpgroup) stops fitting the instruction caches.
+// code as its size grows, to see where code the size of the decode kernel's per-pair stream
+// (~30-40 KB per SM sub-partition, executed once per ~6k-cycle pair) stops fitting the
+// instruction caches (perf-notes v5.8: in the decode, ncu counts fetch stalls as a small part).
 // One CTA per SM of 128 or 256 threads: 1 warp per sub-partition, or 2 (warpgroups 0 and 1,
 // each running its own copy of the body, as the decode kernel's two warpgroups run different
 // code). Each warp keeps 8 independent FFMA chains, so dependencies do not limit the rate.
