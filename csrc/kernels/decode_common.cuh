@@ -116,6 +116,13 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
          ((uint64_t)(sbo >> 4) << 32) | (1ull << 62);
 }
+// The descriptor of base + off from base's: the 14-bit address field holds addr >> 4 and shared
+// addresses stay below 2^18, so adding off >> 4 to the low word never carries out of the field
+// (one add per operand per wgmma instead of the mask, shift and or of smem_desc; in the
+// pipelined kernel every instruction of a pair counts, perf-notes v5.8).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t off) {
+  return ((d >> 32) << 32) | (uint32_t)((uint32_t)d + (off >> 4));
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -328,14 +335,13 @@ template <typename T>
 __device__ __forceinline__ void pv_issue(float (&o)[32][4], const T* sp, const T* sv,
                                          int half) {
   float (&of)[128] = reinterpret_cast<float(&)[128]>(o);
-  const uint32_t p_base = smem_addr(sp);
-  const uint32_t v_base = smem_addr(sv) + half * 4 * kColBlockBytes;
+  const uint64_t p_desc = smem_desc(smem_addr(sp), 16, 1024);
+  const uint64_t v_desc = smem_desc(smem_addr(sv) + half * 4 * kColBlockBytes, kColBlockBytes, 1024);
   fence_regs(of);
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < kPageSize / 16; ++ks) {
-    MmaOp<T>::pv(of, smem_desc(p_base + ks * 32, 16, 1024),
-                 smem_desc(v_base + ks * 16 * 128, kColBlockBytes, 1024));
+    MmaOp<T>::pv(of, desc_plus(p_desc, ks * 32), desc_plus(v_desc, ks * 16 * 128));
   }
   wgmma_commit();
 }

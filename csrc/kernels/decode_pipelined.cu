@@ -122,19 +122,10 @@ constexpr int kTuneNoLoads = 1;
 __device__ int g_trace_printed;
 __device__ uint32_t g_trace[2 * kTracePairs * kTraceEvents];
 // Stamps go to shared memory (a global store would hold up the next fence.proxy.async, which
-// waits for this thread's outstanding memory operations).
-__device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, int pair, int ev) {
-  const bool in_range = pair >= 0 && pair < kTracePairs;
-  const int slot = (wg * kTracePairs + (in_range ? pair : 0)) * kTraceEvents + ev;
-  const uint32_t addr = smem_addr(slots + slot);
-  asm volatile(
-      "{\n.reg .pred p;\n.reg .u32 t;\nsetp.ne.b32 p, %1, 0;\nmov.u32 t, %%clock;\n"
-      "@p st.shared.u32 [%0], t;\n}\n"
-      :: "r"(addr), "r"((int)(on && in_range)) : "memory");
-}
-// The same, once `dep` is computed: its register is an operand, so the clock read waits for it.
-__device__ __forceinline__ void trace_stamp_after(bool on, uint32_t* slots, int wg, int pair,
-                                                  int ev, float dep) {
+// waits for this thread's outstanding memory operations). With `dep` (JFM_STAMP_AFTER), its
+// register is an operand, so the clock read waits until that value is computed.
+__device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, int pair, int ev,
+                                            float dep = 0.f) {
   const bool in_range = pair >= 0 && pair < kTracePairs;
   const int slot = (wg * kTracePairs + (in_range ? pair : 0)) * kTraceEvents + ev;
   const uint32_t addr = smem_addr(slots + slot);
@@ -144,7 +135,7 @@ __device__ __forceinline__ void trace_stamp_after(bool on, uint32_t* slots, int 
       :: "r"(addr), "r"((int)(on && in_range)), "f"(dep) : "memory");
 }
 #define JFM_STAMP(ev) trace_stamp(trace_on, sm.trace, wg, trace_pair, ev)
-#define JFM_STAMP_AFTER(ev, dep) trace_stamp_after(trace_on, sm.trace, wg, trace_pair, ev, dep)
+#define JFM_STAMP_AFTER(ev, dep) trace_stamp(trace_on, sm.trace, wg, trace_pair, ev, dep)
 #else
 #define JFM_STAMP(ev) ((void)0)
 #define JFM_STAMP_AFTER(ev, dep) ((void)0)
@@ -337,29 +328,6 @@ __device__ __forceinline__ void load_q_rope(const T* sq, uint32_t (&rq)[4][4], i
     rq[kk][2] = word(r_lo, 2 * kk + 1);
     rq[kk][3] = word(r_hi, 2 * kk + 1);
   }
-}
-
-// The descriptor of base + off from base's: the 14-bit address field holds addr >> 4 and shared
-// addresses stay below 2^18, so adding off >> 4 to the low word never carries out of the field
-// (one add per operand per wgmma instead of the mask, shift and or of smem_desc: every
-// instruction of a pair counts, perf-notes v5.8).
-__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t off) {
-  return ((d >> 32) << 32) | (uint32_t)((uint32_t)d + (off >> 4));
-}
-// pv_issue (decode_common.cuh) with its descriptors so.
-template <typename T>
-__device__ __forceinline__ void pv_issue_desc(float (&o)[32][4], const T* sp, const T* sv,
-                                              int half) {
-  float (&of)[128] = reinterpret_cast<float(&)[128]>(o);
-  const uint64_t p_desc = smem_desc(smem_addr(sp), 16, 1024);
-  const uint64_t v_desc = smem_desc(smem_addr(sv) + half * 4 * kColBlockBytes, kColBlockBytes, 1024);
-  fence_regs(of);
-  wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < kPageSize / 16; ++ks) {
-    MmaOp<T>::pv(of, desc_plus(p_desc, ks * 32), desc_plus(v_desc, ks * 16 * 128));
-  }
-  wgmma_commit();
 }
 
 // Issues S = Q K^T over the page in buffer `buf`, each tile's MMAs as soon as its load lands
@@ -771,7 +739,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           // rest once PV(P1) has retired and K1's V_L refill is issued (FlashMLA's WG0 order).
           ld.wait_tiles(1, 0, 4, par1);
           JFM_STAMP(5);
-          pv_issue_desc<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
+          pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
           ld.skip_waits = !refills;
           qk_issue<T, 0>(s, sm.q, rq, ld, 0, par0 ^ 1, 0, 5);
           wgmma_wait<1>();  // PV(P1) retired (groups retire in order)
@@ -791,7 +759,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
             JFM_STAMP(5);
             const int valid1 = valid_rows(pc.seqlen, b + 1);
             if (valid1 < kPageSize) zero_rows(sm.k[1], 0, valid1, wg_tid, 0);
-            pv_issue_desc<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
+            pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
             pv_wait(o);
             JFM_STAMP(6);
           }
@@ -844,7 +812,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           const int valid1 = valid_rows(pc.seqlen, b + 1);
           if (valid1 < kPageSize) zero_rows(sm.k[1], 4, valid1, wg_tid, 1);
           // From sp1, not pf: the registers are not there to keep pf and rq across the PVs.
-          pv_issue_desc<T>(o, sp1, sm.k[1], 1);  // O_R += P1 V1_R
+          pv_issue<T>(o, sp1, sm.k[1], 1);  // O_R += P1 V1_R
           JFM_STAMP(8);
         }
         ld.wait_tiles(0, 4, 8, par0);  // V0_R landed (WG0's QK^T saw it; made visible here)
@@ -853,7 +821,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
         JFM_STAMP(3);
         bar_sync(kBarP0Ready, kThreads);
         JFM_STAMP(4);
-        pv_issue_desc<T>(o, sm.p0, sm.k[0], 1);  // O_R += (P0 s1) V0_R
+        pv_issue<T>(o, sm.p0, sm.k[0], 1);  // O_R += (P0 s1) V0_R
         if (has1) {
           wgmma_wait<1>();  // PV(P1) retired (groups retire in order)
           fence_regs(reinterpret_cast<float(&)[128]>(o));
