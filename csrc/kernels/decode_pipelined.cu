@@ -79,7 +79,7 @@ template <KvFormat F>
 constexpr bool kIsFp8 = F != KvFormat::kNative;
 template <KvFormat F>
 constexpr int kKernelThreads = kIsFp8<F> ? 3 * kWgThreads : 2 * kWgThreads;
-// Barrier slots per buffer. Native: 0-8 one per tile. FP8: 0-3 raw e4m3 block j (channels
+// Barrier slots per buffer. Native: the first tile's of each copy (0, 4, 6, 8; see PageLoader). FP8: 0-3 raw e4m3 block j (channels
 // 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE, 5-9 the same converted ("ready").
 constexpr int kBarsPerBuf = 10;
 constexpr int kRawRope = 4, kReady = 5;
@@ -142,26 +142,45 @@ __device__ __forceinline__ void trace_stamp(bool on, uint32_t* slots, int wg, in
 #endif
 
 // Everything a warpgroup needs to issue and wait for page tiles.
+// Native pages come in copies of several tiles (perf-notes v5.9): the issue of one TMA copy is
+// ~23 instructions in every thread of the issuing warpgroup, on the chains the softmax waits
+// for. V_L (tiles 0-3) is one copy of 4 tiles, V_R (tiles 4-7) two copies of 2, the RoPE tile
+// one of its own. V_R's copies are smaller because its refills are read soonest (WG1 refills
+// K1's V_R right before its own QK^T(b + 3) reads it): one 32 KB copy for V_R showed its
+// latency on the two-m-block cases (+3 %). Each copy completes the barrier slot of its first tile.
 template <KvFormat F>
 struct PageLoader {
-  const CUtensorMap* map;       // native: tiles; FP8: 128-byte raw blocks (and the ws RoPE)
-  const CUtensorMap* rope_map;  // FP8 per tensor: the 64 raw RoPE bytes of each token
+  const CUtensorMap* map;       // native: V_L copies; FP8: 128-byte raw blocks (and the ws RoPE)
+  const CUtensorMap* rope_map;  // native: the RoPE tile; FP8 per tensor: each token's 64 raw RoPE bytes
+  const CUtensorMap* vr_map;    // native: V_R copies
   uint32_t k_base[2];    // smem address of buffer K0 / K1
   uint32_t bar_base[2];  // smem address of tile_bar[0][0] / tile_bar[1][0]
   int kvh;
   uint64_t policy;
   bool skip_waits;  // kTuneNoLoads experiment only
 
+  static constexpr int kVlCopyTiles = 4, kVrCopyTiles = 2;
+  // Native: the tiles of the copy that brings tile t, and that copy's first tile.
+  static __device__ __forceinline__ constexpr int copy_tiles(int t) {
+    return t < 4 ? kVlCopyTiles : t < 8 ? kVrCopyTiles : 1;
+  }
+  static __device__ __forceinline__ constexpr int copy_first(int t) {
+    return t / copy_tiles(t) * copy_tiles(t);
+  }
+
   __device__ __forceinline__ uint32_t bar(int buf, int slot) const {
     return bar_base[buf] + 8 * slot;
   }
   // Tiles [t0, t1) of cache page `page` into buffer `buf`, issued by the threads with `pred` (one
-  // per warpgroup). FP8: the raw blocks behind those tiles; ranges are (0, 9), (0, 4), (4, 8), (8, 9).
+  // per warpgroup). Ranges are (0, 9), (0, 4), (4, 8), (8, 9). FP8: the raw blocks behind them.
   __device__ __forceinline__ void issue(bool pred, int buf, int page, int t0, int t1) const {
     if constexpr (!kIsFp8<F>) {
-      for (int t = t0; t < t1; ++t) {
-        mbar_expect_tx(pred, bar(buf, t), kTileBytes);
-        tma_load_tile(pred, k_base[buf] + t * kTileBytes, map, bar(buf, t), t * 64, kvh, page, policy);
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        if (t < t0 || t >= t1 || t != copy_first(t)) continue;
+        mbar_expect_tx(pred, bar(buf, t), copy_tiles(t) * kTileBytes);
+        tma_load_tiles(pred, k_base[buf] + t * kTileBytes, t < 4 ? map : t < 8 ? vr_map : rope_map,
+                       bar(buf, t), t, kvh, page, policy);
       }
     } else {
       for (int j = t0 / 2; j < min(t1, 8) / 2; ++j) {
@@ -184,13 +203,19 @@ struct PageLoader {
   }
   // Tiles [t0, t1) of buffer `buf`, as wait() below.
   __device__ __forceinline__ void wait_tiles(int buf, int t0, int t1, uint32_t parity) const {
-    for (int t = t0; t < t1; ++t) wait(buf, t, parity);
+    for (int t = t0; t < t1; ++t) wait_in_run(buf, t, parity, t == t0);
+  }
+  // wait() for tile t, read right after tile t - 1 unless `first`: a run of reads waits once
+  // per native copy (readers take a copy's tiles in a row, its first tile first).
+  __device__ __forceinline__ void wait_in_run(int buf, int t, uint32_t parity, bool first) const {
+    if (!kIsFp8<F> && !first && t != copy_first(t)) return;
+    wait(buf, t, parity);
   }
   // Waits until tile t of buffer `buf` holds the page of load parity `parity` (FP8: converted).
   __device__ __forceinline__ void wait(int buf, int t, uint32_t parity) const {
     if (skip_waits) return;
     if constexpr (!kIsFp8<F>) {
-      mbar_wait(bar(buf, t), parity);
+      mbar_wait(bar(buf, copy_first(t)), parity);
     } else if (t < 8) {
       mbar_wait(bar(buf, kReady + t / 2), parity);
     } else {
@@ -350,7 +375,7 @@ __device__ __forceinline__ void qk_issue(float (&s)[8][4], const T* sq, const ui
   for (int i = 0; i < kTiles; ++i) {
     if (i < i0 || i >= i1) continue;
     const int t = tile_order<kWg>(i);
-    ld.wait(buf, t, parity);
+    ld.wait_in_run(buf, t, parity, i == i0);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -569,7 +594,7 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
 template <typename T, KvFormat F>
 __global__ void __launch_bounds__(kKernelThreads<F>, 1)
     pipelined_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kmap,
-                     const __grid_constant__ CUtensorMap rope_map, const float* kv_scale) {
+                     const __grid_constant__ CUtensorMap rope_map, const float* kv_scale                     , const __grid_constant__ CUtensorMap vr_map) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t misalign = smem_addr(smem_raw) & (kSmemAlign - 1);
   PipelinedSmem<T>& sm =
@@ -592,6 +617,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
   PageLoader<F> ld;
   ld.map = &kmap;
   ld.rope_map = &rope_map;
+  ld.vr_map = &vr_map;
   ld.k_base[0] = smem_addr(sm.k[0]);
   ld.k_base[1] = smem_addr(sm.k[1]);
   ld.bar_base[0] = smem_addr(&sm.tile_bar[0][0]);
@@ -898,10 +924,10 @@ void dump_trace(cudaStream_t stream) {
 
 template <typename T, KvFormat F>
 cudaError_t launch_kernel(const DecodeParams& p, const CUtensorMap& map, const CUtensorMap& rope,
-                          const float* kv_scale, cudaStream_t stream) {
+                          const CUtensorMap& vr, const float* kv_scale, cudaStream_t stream) {
   const dim3 grid((p.q_rows + kBlockM - 1) / kBlockM, p.h_kv, p.num_parts);
   pipelined_kernel<T, F><<<grid, kKernelThreads<F>, kPipelinedSmemBytes, stream>>>(p, map, rope,
-                                                                                   kv_scale);
+                                                                                   kv_scale, vr);
   return cudaGetLastError();
 }
 
@@ -913,19 +939,22 @@ cudaError_t set_smem(void) {
 
 template <typename T>
 cudaError_t launch_pipelined_t(const DecodeParams& p, cudaStream_t stream) {
-  CUtensorMap map;
-  const CUresult r = encode_cache_map(
-      &map, p,
-      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                     : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-      sizeof(T), kHeadDimQK, 64, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE);
-  if (r != CUDA_SUCCESS) return tensor_map_error(r);
+  using Loader = PageLoader<KvFormat::kNative>;
+  const CUtensorMapDataType type = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                  : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  CUtensorMap vl, vr, rope;
+  for (auto [map, tiles] : {std::pair{&vl, Loader::kVlCopyTiles}, std::pair{&vr, Loader::kVrCopyTiles},
+                            std::pair{&rope, 1}}) {
+    if (const CUresult r = encode_cache_copy_map(map, p, type, sizeof(T), tiles); r != CUDA_SUCCESS) {
+      return tensor_map_error(r);
+    }
+  }
 #ifdef JFM_TRACE
-  const cudaError_t err = launch_kernel<T, KvFormat::kNative>(p, map, map, nullptr, stream);
+  const cudaError_t err = launch_kernel<T, KvFormat::kNative>(p, vl, rope, vr, nullptr, stream);
   if (err == cudaSuccess) dump_trace(stream);
   return err;
 #else
-  return launch_kernel<T, KvFormat::kNative>(p, map, map, nullptr, stream);
+  return launch_kernel<T, KvFormat::kNative>(p, vl, rope, vr, nullptr, stream);
 #endif
 }
 
@@ -958,9 +987,10 @@ cudaError_t launch_decode_fp8(const DecodeFp8Params& fp, Fp8Layout layout,
   if (const CUresult r = encode_fp8_cache_maps(&map, &rope, fp.base, layout); r != CUDA_SUCCESS) {
     return tensor_map_error(r);
   }
-  return ws ? launch_kernel<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, rope, nullptr,
-                                                                    stream)
-            : launch_kernel<__nv_bfloat16, KvFormat::kFp8PerTensor>(fp.base, map, rope,
+  // (The third map, native V_R copies, is unused by the FP8 instantiations.)
+  return ws ? launch_kernel<__nv_bfloat16, KvFormat::kFp8WithScale>(fp.base, map, rope, map,
+                                                                    nullptr, stream)
+            : launch_kernel<__nv_bfloat16, KvFormat::kFp8PerTensor>(fp.base, map, rope, map,
                                                                     fp.kv_scale, stream);
 }
 

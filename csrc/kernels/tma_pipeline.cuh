@@ -60,6 +60,19 @@ __device__ __forceinline__ void tma_load_tile(bool pred, uint32_t dst, const CUt
       : "memory");
 }
 
+// Tiles col_block.. of a cache page, as many as the box of `map` (encode_cache_copy_map) holds.
+__device__ __forceinline__ void tma_load_tiles(bool pred, uint32_t dst, const CUtensorMap* map,
+                                               uint32_t bar, int col_block, int kvh, int page,
+                                               uint64_t policy) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %8, 0;\n"
+      "@p cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".L2::cache_hint [%0], [%1, {%3, %4, %5, %6, %9}], [%2], %7;\n}\n"
+      :: "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(0), "r"(0), "r"(col_block),
+         "r"(kvh), "l"(policy), "r"((int)pred), "r"(page)
+      : "memory");
+}
+
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
@@ -116,6 +129,28 @@ inline CUresult encode_cache_map(CUtensorMap* map, const DecodeParams& p, CUtens
   return encode(map, type, 4, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, promotion,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
+// A 5-D map {64 columns, 64 tokens, column blocks, h_kv, pages} of a native cache (the strides
+// are not in increasing order: tokens, then the 128-byte column blocks inside a row) with a box
+// of 64 columns x 64 tokens x `tiles` column blocks: `tiles` consecutive SW128 tiles of a page
+// in one copy, laid out in shared memory one after the other. Coordinates past any edge (a bad
+// page id) read as zeros.
+inline CUresult encode_cache_copy_map(CUtensorMap* map, const DecodeParams& p,
+                                       CUtensorMapDataType type, int elem_bytes, int tiles) {
+  EncodeTiledFn encode = encode_tiled_fn();
+  if (!encode) return CUDA_ERROR_NOT_SUPPORTED;
+  const cuuint64_t row_bytes = (cuuint64_t)kHeadDimQK * elem_bytes;
+  const cuuint64_t token_bytes = (cuuint64_t)p.h_kv * row_bytes;
+  const cuuint64_t dims[5] = {64, (cuuint64_t)kPageSize, (cuuint64_t)kHeadDimQK / 64,
+                              (cuuint64_t)p.h_kv, (cuuint64_t)p.num_blocks};
+  const cuuint64_t strides[4] = {token_bytes, 64 * (cuuint64_t)elem_bytes, row_bytes,
+                                 token_bytes * kPageSize};
+  const cuuint32_t box[5] = {64, (cuuint32_t)kPageSize, (cuuint32_t)tiles, 1, 1};
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  return encode(map, type, 5, const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
 // An FP8 cache as both FP8 kernels read it: `blocks`, boxes of kFp8BlockBytes e4m3 bytes x 64
