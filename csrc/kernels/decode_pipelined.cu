@@ -12,8 +12,9 @@
 // so after the pair both halves are at scale M1 and each O half was rescaled once per max update
 // (FlashMLA's order). WG0 publishes M0 and s0 before computing P0, so WG1's softmax starts at once.
 //
-// Pages arrive as nine 64 x 64 tiles, each loaded by its own TMA copy that signals its own
-// mbarrier, and each tile is refilled the moment its last reader is done with it (v3,
+// Pages arrive as nine 64 x 64 tiles in four TMA copies (V_L in one, V_R in two, the RoPE tile
+// alone; see PageLoader), each signalling its own mbarrier, and each copy is refilled the moment
+// the last reader of its tiles is done with them (v3,
 // decode_seesaw.cu, refilled a whole 72 KB buffer only after both warpgroups were done with it):
 //   K0 tile 8 (RoPE of page b)  read only by WG0's QK^T(b)     -> refilled by WG0 at pair start
 //   K1 tile 8 (RoPE of b + 1)   read only by WG1's QK^T(b + 1) -> refilled by WG1 at pair start
@@ -23,7 +24,7 @@
 //   K1 tiles 4-7 (V_R of b + 1) WG1's PV(P1)                   -> refilled by WG1 after that PV
 // P0 has its own tile (sp0); P1 takes Q's RoPE tile, which both warpgroups hold in registers from
 // the start of a request (QK^T's tile 8 is an RS wgmma, as in FlashMLA). QK^T consumes tiles as
-// they land, those refilled first first.
+// they land, those refilled first first, waiting once per copy.
 // Out-of-range page ids become out-of-bounds TMA coordinates, which TMA fills with zeros; rows
 // at or past seqlen of a partial last page are zeroed in smem before PV (garbage / NaN must not
 // reach P * V; their logits are masked by selection).
@@ -47,6 +48,7 @@
 #include <cuda_fp16.h>
 
 #include <type_traits>
+#include <utility>
 #ifdef JFM_TRACE
 #include <cstdio>
 #include <cuda_runtime.h>
@@ -79,8 +81,9 @@ template <KvFormat F>
 constexpr bool kIsFp8 = F != KvFormat::kNative;
 template <KvFormat F>
 constexpr int kKernelThreads = kIsFp8<F> ? 3 * kWgThreads : 2 * kWgThreads;
-// Barrier slots per buffer. Native: the first tile's of each copy (0, 4, 6, 8; see PageLoader). FP8: 0-3 raw e4m3 block j (channels
-// 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE, 5-9 the same converted ("ready").
+// Barrier slots per buffer. Native: that of each copy's first tile (0, 4, 6, 8; see PageLoader).
+// FP8: 0-3 raw e4m3 block j (channels 128j..128j+127, landing in tile slot 2j+1), 4 raw RoPE,
+// 5-9 the same converted ("ready").
 constexpr int kBarsPerBuf = 10;
 constexpr int kRawRope = 4, kReady = 5;
 
@@ -594,7 +597,8 @@ __device__ __forceinline__ void convert_pages(const DecodeParams& p,
 template <typename T, KvFormat F>
 __global__ void __launch_bounds__(kKernelThreads<F>, 1)
     pipelined_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ CUtensorMap kmap,
-                     const __grid_constant__ CUtensorMap rope_map, const float* kv_scale                     , const __grid_constant__ CUtensorMap vr_map) {
+                     const __grid_constant__ CUtensorMap rope_map, const float* kv_scale,
+                     const __grid_constant__ CUtensorMap vr_map) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t misalign = smem_addr(smem_raw) & (kSmemAlign - 1);
   PipelinedSmem<T>& sm =
