@@ -30,6 +30,15 @@ sanitizer_retry() {
   done
   return $rc
 }
+# A standalone nvcc probe tests/gpu/$2.cu (stage $1, extra nvcc flags after $3): built and run
+# with its output in $OUT/$2.log; its lines tagged $3 go to the summary.
+standalone_probe() {
+  local stage=$1 name=$2 tag=$3 rc=0; shift 3
+  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a "$@" "tests/gpu/$name.cu" \
+    -o "/tmp/$name" > "$OUT/$name.log" 2>&1 && "/tmp/$name" >> "$OUT/$name.log" 2>&1 || rc=$?
+  note "$stage: rc=$rc"
+  grep "$tag" "$OUT/$name.log" | tee -a "$SUMMARY"
+}
 export PYTHONUNBUFFERED=1
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -212,33 +221,17 @@ if want power; then  # SM clock and board power while each KV layout's decode ru
   grep POWER "$OUT/power.log" | tee -a "$SUMMARY"
 fi
 
-if want cluster-probe; then  # concurrent clusters of 1, 2, 4 CTAs of the decode kernels' shape
-  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O2 tests/gpu/cluster_probe.cu \
-    -o /tmp/cluster_probe > "$OUT/cluster_probe.log" 2>&1 && /tmp/cluster_probe >> "$OUT/cluster_probe.log" 2>&1
-  note "cluster-probe: rc=$?"
-  grep CLUSTER_PROBE "$OUT/cluster_probe.log" | tee -a "$SUMMARY"
-fi
+# concurrent clusters of 1, 2, 4 CTAs of the decode kernels' shape
+want cluster-probe && standalone_probe cluster-probe cluster_probe CLUSTER_PROBE -O2
 
-if want wgmma-rate; then  # wgmma shapes of the decode kernel in isolation (cycles per instruction)
-  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 -I csrc tests/gpu/wgmma_rate.cu \
-    -o /tmp/wgmma_rate > "$OUT/wgmma_rate.log" 2>&1 && /tmp/wgmma_rate >> "$OUT/wgmma_rate.log" 2>&1
-  note "wgmma-rate: rc=$?"
-  grep WGMMA_RATE "$OUT/wgmma_rate.log" | tee -a "$SUMMARY"
-fi
+# wgmma shapes of the decode kernel in isolation (cycles per instruction)
+want wgmma-rate && standalone_probe wgmma-rate wgmma_rate WGMMA_RATE -O3 -I csrc
 
-if want xu-rate; then  # softmax instruction rates in isolation (MUFU ex2, F2FP, FMA-pipe 2^x)
-  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 tests/gpu/xu_rate.cu \
-    -o /tmp/xu_rate > "$OUT/xu_rate.log" 2>&1 && /tmp/xu_rate >> "$OUT/xu_rate.log" 2>&1
-  note "xu-rate: rc=$?"
-  grep XU_RATE "$OUT/xu_rate.log" | tee -a "$SUMMARY"
-fi
+# softmax instruction rates in isolation (MUFU ex2, F2FP, FMA-pipe 2^x)
+want xu-rate && standalone_probe xu-rate xu_rate XU_RATE -O3
 
-if want icache-probe; then  # cycles per instruction of straight-line code as its size grows
-  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -O3 tests/gpu/icache_probe.cu \
-    -o /tmp/icache_probe > "$OUT/icache_probe.log" 2>&1 && /tmp/icache_probe >> "$OUT/icache_probe.log" 2>&1
-  note "icache-probe: rc=$?"
-  grep ICACHE "$OUT/icache_probe.log" | tee -a "$SUMMARY"
-fi
+# cycles per instruction of straight-line code as its size grows
+want icache-probe && standalone_probe icache-probe icache_probe ICACHE -O3
 
 if want bench-mma; then  # the v1 (mma.sync) kernel on the same grid, for comparison
   JAX_FLASHMLA_DECODE_KERNEL=mma python3 -m jax_flashmla.bench --no-naive \
