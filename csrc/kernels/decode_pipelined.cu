@@ -25,6 +25,10 @@
 // P0 has its own tile (sp0); P1 takes Q's RoPE tile, which both warpgroups hold in registers from
 // the start of a request (QK^T's tile 8 is an RS wgmma, as in FlashMLA). QK^T consumes tiles as
 // they land, those refilled first first, waiting once per copy.
+// Landed: a PV never waits on a tile barrier itself. The page's QK^T waited on every tile of
+// it (WG0's for page b, WG1's for b + 1) before that warpgroup's S0 / S1 arrive, which the other
+// warpgroup syncs on before its PV, so the TMA writes are ordered before it (FlashMLA relies on
+// the same). Waiting again there cost 0.5-4 % where requests have four m-blocks (perf-notes v5.10).
 // Out-of-range page ids become out-of-bounds TMA coordinates, which TMA fills with zeros; rows
 // at or past seqlen of a partial last page are zeroed in smem before PV (garbage / NaN must not
 // reach P * V; their logits are masked by selection).
@@ -114,6 +118,10 @@ static_assert(kPipelinedSmemBytes <= 232448, "exceeds the sm_90 per-block opt-in
 // of a request, issue no refills and wait for none (wrong results; times the schedule without
 // load latency, to split compute/sync time from load time).
 constexpr int kTuneNoLoads = 1;
+// 2 = the same in odd m-blocks only, 4 = in every m-block but the first: the others load as
+// usual, so L2 -> SM traffic drops to 1/2 or 1/m-blocks (what TMA multicast across an m-block
+// cluster would move) while DRAM traffic and the loading CTAs' latency stay (timing only).
+constexpr int kTuneNoLoadsOddMb = 2, kTuneLoadsFirstMbOnly = 4;
 
 // Timeline probe (build with -DJFM_TRACE, tests/gpu/run.sh trace; never in a shipped build):
 // thread 0 of each MMA warpgroup of CTA (0, 0, 0) stamps the SM clock at fixed points of the
@@ -630,7 +638,9 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
   ld.policy = evict_first_policy();
   ld.skip_waits = false;
   // The no-loads experiment would starve the FP8 converter: native caches only.
-  const bool refills = kIsFp8<F> || !(p.tuning & kTuneNoLoads);
+  const bool refills = kIsFp8<F> || !((p.tuning & kTuneNoLoads) ||
+                                       ((p.tuning & kTuneNoLoadsOddMb) && (mb & 1)) ||
+                                       ((p.tuning & kTuneLoadsFirstMbOnly) && mb > 0));
   if (threadIdx.x == 0) {
     for (int i = 0; i < 2 * kBarsPerBuf; ++i) {
       // FP8 "ready" barriers take one arrival per converter thread that converts the block
@@ -767,9 +777,8 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           // wait or serialize).
           // QK^T(b + 2) over the tiles refilled first (8, 0-3) goes right behind PV(P1), the
           // rest once PV(P1) has retired and K1's V_L refill is issued (FlashMLA's WG0 order).
-          ld.wait_tiles(1, 0, 4, par1);
           JFM_STAMP(5);
-          pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L
+          pv_issue<T>(o, sp1, sm.k[1], 0);  // O_L += P1 V1_L (see "Landed" above)
           ld.skip_waits = !refills;
           qk_issue<T, 0>(s, sm.q, rq, ld, 0, par0 ^ 1, 0, 5);
           wgmma_wait<1>();  // PV(P1) retired (groups retire in order)
@@ -785,7 +794,6 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           JFM_STAMP(8);
         } else {  // the request's last pair or two
           if (has1) {
-            ld.wait_tiles(1, 0, 4, par1);  // V1_L landed (WG1's QK^T saw it; made visible here)
             JFM_STAMP(5);
             const int valid1 = valid_rows(pc.seqlen, b + 1);
             if (valid1 < kPageSize) zero_rows(sm.k[1], 0, valid1, wg_tid, 0);
@@ -845,7 +853,6 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
           pv_issue<T>(o, sp1, sm.k[1], 1);  // O_R += P1 V1_R
           JFM_STAMP(8);
         }
-        ld.wait_tiles(0, 4, 8, par0);  // V0_R landed (WG0's QK^T saw it; made visible here)
         const int valid0 = valid_rows(pc.seqlen, b);
         if (valid0 < kPageSize) zero_rows(sm.k[0], 4, valid0, wg_tid, 1);
         JFM_STAMP(3);

@@ -207,11 +207,11 @@ if want ncu; then  # one decode launch per KV layout (NCU_KVS) under Nsight Comp
     timeout 300 ncu --target-processes all --kernel-name-base "$base" -k "regex:$kre" --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
-      --section InstructionStats \
+      --section InstructionStats ${NCU_METRICS:+--metrics "$NCU_METRICS"} \
       python3 -m jax_flashmla.bench --no-naive --kv "$kv" --reps 1 --target-ms 1 --cases "$case" \
       > "$OUT/ncu_$kv.log" 2>&1
     note "ncu ($kv, tuning ${JAX_FLASHMLA_TUNING:-0}): rc=$?"
-    grep -E "Duration|Elapsed Cycles|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Shared|Tensor|Stall|Issued|Eligible|Warp Cycles|L2 Hit|L1/TEX Hit|Registers|Executed Ipc|Executed Instructions |Local|Mem Busy|Max Bandwidth|Mem Pipes|Cache Throughput" "$OUT/ncu_$kv.log" | awk '!seen[$0]++' | head -45
+    grep -E "Duration|Elapsed Cycles|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Shared|Tensor|Stall|Issued|Eligible|Warp Cycles|L2 Hit|L1/TEX Hit|Registers|Executed Ipc|Executed Instructions |Local|Mem Busy|Max Bandwidth|Mem Pipes|Cache Throughput${NCU_METRICS:+|${NCU_METRICS//,/|}}" "$OUT/ncu_$kv.log" | awk '!seen[$0]++' | head -60
   done
 fi
 
