@@ -196,6 +196,7 @@ if want bench-variants; then  # the grid's corners under each back end (BENCH_KE
 fi
 
 if want ncu; then  # one decode launch per KV layout (NCU_KVS) under Nsight Compute
+  # (NCU_CASE: the bench case; NCU_METRICS: extra comma-separated metrics, printed with the rest)
   case=${NCU_CASE:-"b=128,s_q=2,h_q=128,s_k=4096"}
   for kv in ${NCU_KVS:-bf16}; do
     # The bench runs a bf16 row before each FP8 row: pick the FP8 kernel by its mangled template
