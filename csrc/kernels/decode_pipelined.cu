@@ -28,7 +28,7 @@
 // Landed: a PV never waits on a tile barrier itself. The page's QK^T waited on every tile of
 // it (WG0's for page b, WG1's for b + 1) before that warpgroup's S0 / S1 arrive, which the other
 // warpgroup syncs on before its PV, so the TMA writes are ordered before it (FlashMLA relies on
-// the same). Waiting again there cost 0.5-4 % where requests have four m-blocks (perf-notes v5.10).
+// the same). Waiting again there cost up to 4 % where requests have four m-blocks (perf-notes v5.10).
 // Out-of-range page ids become out-of-bounds TMA coordinates, which TMA fills with zeros; rows
 // at or past seqlen of a partial last page are zeroed in smem before PV (garbage / NaN must not
 // reach P * V; their logits are masked by selection).
