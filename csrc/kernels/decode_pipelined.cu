@@ -212,10 +212,6 @@ struct PageLoader {
       }
     }
   }
-  // Tiles [t0, t1) of buffer `buf`, as wait() below.
-  __device__ __forceinline__ void wait_tiles(int buf, int t0, int t1, uint32_t parity) const {
-    for (int t = t0; t < t1; ++t) wait_in_run(buf, t, parity, t == t0);
-  }
   // wait() for tile t, read right after tile t - 1 unless `first`: a run of reads waits once
   // per native copy (readers take a copy's tiles in a row, its first tile first).
   __device__ __forceinline__ void wait_in_run(int buf, int t, uint32_t parity, bool first) const {
