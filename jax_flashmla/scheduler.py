@@ -37,13 +37,16 @@ def _blocks(seqlen: np.ndarray) -> np.ndarray:
     return np.maximum(seqlen - 1, 0) // BLOCK_SIZE_N + 1
 
 
-def schedule_numpy(cache_seqlens, parts: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference scheduler: returns (tile_scheduler_metadata [parts, 8], num_splits [b + 1])."""
+def schedule_numpy(cache_seqlens, parts: int, fixed_overhead: int = FIXED_OVERHEAD_BLOCKS
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Reference scheduler: returns (tile_scheduler_metadata [parts, 8], num_splits [b + 1]).
+
+    ``fixed_overhead`` is what a request (piece) costs in blocks besides its own blocks."""
     seqlens = np.asarray(cache_seqlens, dtype=np.int64).reshape(-1)
     b = seqlens.shape[0]
     nblk = _blocks(seqlens)
-    total = int(np.sum(nblk + FIXED_OVERHEAD_BLOCKS))
-    payload = -(-total // parts) + FIXED_OVERHEAD_BLOCKS
+    total = int(np.sum(nblk + fixed_overhead))
+    payload = -(-total // parts) + fixed_overhead
 
     md = np.zeros((parts, METADATA_ROW), np.int32)
     num_splits = np.zeros((b + 1,), np.int32)
@@ -54,14 +57,14 @@ def schedule_numpy(cache_seqlens, parts: int) -> tuple[np.ndarray, np.ndarray]:
         rem = payload
         while req < b:
             left = int(nblk[req]) - blk
-            if rem >= left + FIXED_OVERHEAD_BLOCKS:
+            if rem >= left + fixed_overhead:
                 cum += nsplit + 1
                 num_splits[req + 1] = cum
-                rem -= left + FIXED_OVERHEAD_BLOCKS
+                rem -= left + fixed_overhead
                 req, blk, nsplit = req + 1, 0, 0
             else:
-                if rem - FIXED_OVERHEAD_BLOCKS > 0:
-                    blk += rem - FIXED_OVERHEAD_BLOCKS
+                if rem - fixed_overhead > 0:
+                    blk += rem - fixed_overhead
                     nsplit += 1
                 break
         end_req = req if blk > 0 else req - 1

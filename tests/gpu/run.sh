@@ -3,7 +3,7 @@
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
 #                    [racecheck] [ncu] [wgmma-rate] [xu-rate] [icache-probe] [trace] [build-exp] [cluster-probe]
-#                    [power]
+#                    [power] [sched-sweep]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -233,6 +233,12 @@ want xu-rate && standalone_probe xu-rate xu_rate XU_RATE -O3
 
 # cycles per instruction of straight-line code as its size grows
 want icache-probe && standalone_probe icache-probe icache_probe ICACHE -O3
+
+if want sched-sweep; then  # split-KV schedules with other per-request costs, and what a request costs
+  timeout 560 python3 tests/gpu/sched_sweep.py > "$OUT/sched_sweep.log" 2>&1
+  note "sched-sweep: rc=$?"
+  grep -E "^(SCHED|PIECE)" "$OUT/sched_sweep.log" | tee -a "$SUMMARY"
+fi
 
 if want bench-mma; then  # the v1 (mma.sync) kernel on the same grid, for comparison
   JAX_FLASHMLA_DECODE_KERNEL=mma python3 -m jax_flashmla.bench --no-naive \
