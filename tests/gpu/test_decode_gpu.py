@@ -119,6 +119,23 @@ def test_extremes(subcases, s_q, h_q, causal):
     _check_against_reference(q, kc, bt, sl, causal, f"extreme {subcases}")
 
 
+@pytest.mark.parametrize("s_q,h_q,h_kv,causal", [(1, 128, 1, False), (2, 128, 1, True),
+                                                  (2, 64, 2, True), (1, 32, 1, False)])
+def test_many_short_requests_per_part(s_q, h_q, h_kv, causal):
+    """Requests of 0-6 pages, many per CTA: every page-count parity, empty requests between
+    others, and each request's epilogue followed by the next request's loads into the same
+    buffers."""
+    q, kc, bt, sl = make_merged(_seed(s_q, h_q, h_kv, causal, "short"), [(1024, 200, True, 0.2)],
+                                s_q, h_q, h_kv, jnp.bfloat16)
+    md, _ = fm.get_mla_metadata(sl, s_q * h_q // h_kv, h_kv)
+    md = np.asarray(md)
+    assert np.max(md[:, 1] - md[:, 0]) >= 8, "expected parts holding many requests"
+    assert (np.asarray(sl) == 0).any() and (np.asarray(sl) > 3 * 64).any()
+    out, _ = _check_against_reference(q, kc, bt, sl, causal,
+                                      f"short requests s_q={s_q} h_q={h_q} h_kv={h_kv}")
+    assert not bool(jnp.any(jnp.isnan(out)))
+
+
 def test_deepseek_scale_and_fp16_large_logits():
     q, kc, bt, sl = make_merged(5, [(6, 1000, True, 0.0)], 2, 128, 1, jnp.float16)
     scale = fm.deepseek_softmax_scale(mscale=fm.yarn_mscale(40.0, 1.0))
