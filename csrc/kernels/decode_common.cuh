@@ -245,6 +245,22 @@ __device__ __forceinline__ float quad_max(float x) {
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
+// The natural-log lse of query row `row` (of q_rows) of an unsplit piece; +inf where the row
+// attended to nothing (L = 0, or NaN); rows past q_rows are padding and write nothing.
+__device__ __forceinline__ void store_lse(const DecodeParams& p, float L, float m, int req,
+                                          int kvh, int row) {
+  if (row >= p.q_rows) return;
+  const int tok = row / p.ng, h = kvh * p.ng + row % p.ng;
+  p.lse[((int64_t)req * p.h_q + h) * p.s_q + tok] = L > 0.f ? (log2f(L) + m) * kLn2 : INFINITY;
+}
+
+// The base-2 lse of row `row` (of q_rows) of a split piece at workspace row row_base + row;
+// -inf where the row attended to nothing; rows past q_rows write nothing.
+__device__ __forceinline__ void store_lse_accum(const DecodeParams& p, float L, float m,
+                                                int64_t row_base, int row, int m0) {
+  if (m0 + row < p.q_rows) p.lse_accum[row_base + row] = L > 0.f ? log2f(L) + m : -INFINITY;
+}
+
 // Writes this thread's part of the result for rows r_lo / r_hi: its 256-wide half `ch` of O
 // (o, normalized by the row sums L) and, if write_lse, the lse. Unsplit pieces write out/lse
 // (natural log; empty rows: out 0, lse +inf); split pieces write fp32 partials and base-2 lse
@@ -277,12 +293,10 @@ __device__ __forceinline__ void store_result(const DecodeParams& p, const Piece&
         *reinterpret_cast<uint32_t*>(row_hi + col) =
             MmaOp<T>::pack(o[j][2] * inv_hi, o[j][3] * inv_hi);
     }
-    if (write_lse && ok_lo)
-      p.lse[((int64_t)req * p.h_q + h_lo) * p.s_q + tok_lo] =
-          empty_lo ? INFINITY : (log2f(L_lo) + m_lo) * kLn2;
-    if (write_lse && ok_hi)
-      p.lse[((int64_t)req * p.h_q + h_hi) * p.s_q + tok_hi] =
-          empty_hi ? INFINITY : (log2f(L_hi) + m_hi) * kLn2;
+    if (write_lse) {
+      store_lse(p, L_lo, m_lo, req, kvh, m0 + r_lo);
+      store_lse(p, L_hi, m_hi, req, kvh, m0 + r_hi);
+    }
   } else {
     if (pc.slot < 0 || pc.slot >= p.b + p.num_parts) return;  // bad metadata: never write OOB
     const int64_t row_base = ((int64_t)pc.slot * p.h_kv + kvh) * p.q_rows + m0;
@@ -296,8 +310,10 @@ __device__ __forceinline__ void store_result(const DecodeParams& p, const Piece&
       if (ok_hi)
         *reinterpret_cast<float2*>(acc_hi + col) = make_float2(o[j][2] * inv_hi, o[j][3] * inv_hi);
     }
-    if (write_lse && ok_lo) p.lse_accum[row_base + r_lo] = empty_lo ? -INFINITY : log2f(L_lo) + m_lo;
-    if (write_lse && ok_hi) p.lse_accum[row_base + r_hi] = empty_hi ? -INFINITY : log2f(L_hi) + m_hi;
+    if (write_lse) {
+      store_lse_accum(p, L_lo, m_lo, row_base, r_lo, m0);
+      store_lse_accum(p, L_hi, m_hi, row_base, r_hi, m0);
+    }
   }
 }
 

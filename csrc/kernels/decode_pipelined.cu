@@ -122,6 +122,8 @@ constexpr int kTuneNoLoads = 1;
 // usual, so L2 -> SM traffic drops to 1/2 or 1/m-blocks (what TMA multicast across an m-block
 // cluster would move) while DRAM traffic and the loading CTAs' latency stay (timing only).
 constexpr int kTuneNoLoadsOddMb = 2, kTuneLoadsFirstMbOnly = 4;
+// 8 = O stored straight from the MMA fragments (store_result), as before session 17 (A/B).
+constexpr int kTuneDirectStore = 8;
 
 // Timeline probe (build with -DJFM_TRACE, tests/gpu/run.sh trace; never in a shipped build):
 // thread 0 of each MMA warpgroup of CTA (0, 0, 0) stamps the SM clock at fixed points of the
@@ -359,6 +361,88 @@ __device__ __forceinline__ void load_q_rope(const T* sq, uint32_t (&rq)[4][4], i
     rq[kk][1] = word(r_hi, 2 * kk);
     rq[kk][2] = word(r_lo, 2 * kk + 1);
     rq[kk][3] = word(r_hi, 2 * kk + 1);
+  }
+}
+
+// A pair of O values as V (T: out, packed; float: split partials) at shared address addr.
+template <typename V>
+__device__ __forceinline__ void sts_pair(uint32_t addr, float a, float b) {
+  if constexpr (std::is_same_v<V, float>) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" :: "r"(addr), "f"(a), "f"(b) : "memory");
+  } else {
+    sts32(addr, MmaOp<V>::pack(a, b));
+  }
+}
+
+// O (64 rows x 512, this thread's fragments times inv_lo / inv_hi) to global rows dst(r)
+// (nullptr: r and every later row are padding) through shared memory: stage0 holds rows 0-63
+// of 16-bit V, or rows 0-31 of float with 32-63 in stage1 (64 KB each: a page buffer's V
+// tiles, free once the request's last PV has retired). Stored from the fragments, each 4- or
+// 8-byte store instruction touched 8 rows (8 wavefronts) with nothing to overlap them in the
+// epilogue; here each warp stores 512 contiguous bytes per instruction (perf-notes v5.11). Row r's
+// 16-byte chunk c sits at chunk c ^ (r & 7), so a fragment store's 8 rows hit 8 bank groups.
+// Both MMA warpgroups call it (it syncs them).
+template <typename V, class RowPtr>
+__device__ __forceinline__ void store_rows_staged(const float (&o)[32][4], float inv_lo,
+                                                  float inv_hi, int r_lo, int r_hi, int wg,
+                                                  uint32_t stage0, uint32_t stage1, RowPtr dst) {
+  constexpr int kRowBytes = kHeadDimV * sizeof(V), kRowsPerBuf = 65536 / kRowBytes;
+  auto row_addr = [&](int r) {
+    return (r < kRowsPerBuf ? stage0 : stage1) + (r % kRowsPerBuf) * kRowBytes;
+  };
+  const int lane = threadIdx.x % 32, swz = r_lo & 7;  // r_hi = r_lo + 8: the same swizzle
+  const uint32_t row_lo = row_addr(r_lo), row_hi = row_addr(r_hi);
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const int byte = (wg * 256 + j * 8 + 2 * (lane % 4)) * (int)sizeof(V);
+    const uint32_t off = (((byte >> 4) ^ swz) << 4) + (byte & 15);
+    sts_pair<V>(row_lo + off, o[j][0] * inv_lo, o[j][1] * inv_lo);
+    sts_pair<V>(row_hi + off, o[j][2] * inv_hi, o[j][3] * inv_hi);
+  }
+  bar_sync(kBarMma, 2 * kWgThreads);
+  constexpr int kChunks = kRowBytes / 16, kRowsPerStep = 2 * kWgThreads / kChunks;
+  const int c = threadIdx.x % kChunks;
+#pragma unroll 4
+  for (int r = threadIdx.x / kChunks; r < kBlockM; r += kRowsPerStep) {
+    V* const row = dst(r);
+    if (row == nullptr) break;
+    const uint4 v = lds128(row_addr(r) + ((c ^ (r & 7)) << 4));
+    *reinterpret_cast<uint4*>(reinterpret_cast<char*>(row) + c * 16) = v;
+  }
+  fence_proxy_async();  // the next request's TMA loads overwrite these tiles (async proxy)
+}
+
+// store_result's outputs (out and lse, or the split workspace), O through store_rows_staged.
+template <typename T>
+__device__ __forceinline__ void store_result_staged(const DecodeParams& p, const Piece& pc,
+                                                    const float (&o)[32][4], float L_lo,
+                                                    float L_hi, float m_lo, float m_hi, int req,
+                                                    int kvh, int m0, int r_lo, int r_hi, int wg,
+                                                    uint32_t stage0, uint32_t stage1) {
+  const float inv_lo = L_lo > 0.f ? 1.f / L_lo : 0.f, inv_hi = L_hi > 0.f ? 1.f / L_hi : 0.f;
+  const bool lse_writer = wg == 0 && threadIdx.x % 4 == 0;
+  if (!pc.is_split) {
+    if (lse_writer) {
+      store_lse(p, L_lo, m_lo, req, kvh, m0 + r_lo);
+      store_lse(p, L_hi, m_hi, req, kvh, m0 + r_hi);
+    }
+    store_rows_staged<T>(o, inv_lo, inv_hi, r_lo, r_hi, wg, stage0, stage1, [&](int r) -> T* {
+      const int m = m0 + r;
+      if (m >= p.q_rows) return nullptr;
+      const int tok = m / p.ng, h = kvh * p.ng + m % p.ng;
+      return static_cast<T*>(p.out) + (((int64_t)req * p.s_q + tok) * p.h_q + h) * kHeadDimV;
+    });
+  } else {
+    if (pc.slot < 0 || pc.slot >= p.b + p.num_parts) return;  // bad metadata: never write OOB
+    const int64_t row_base = ((int64_t)pc.slot * p.h_kv + kvh) * p.q_rows + m0;
+    if (lse_writer) {
+      store_lse_accum(p, L_lo, m_lo, row_base, r_lo, m0);
+      store_lse_accum(p, L_hi, m_hi, row_base, r_hi, m0);
+    }
+    store_rows_staged<float>(o, inv_lo, inv_hi, r_lo, r_hi, wg, stage0, stage1,
+                             [&](int r) -> float* {
+      return m0 + r < p.q_rows ? p.o_accum + (row_base + r) * kHeadDimV : nullptr;
+    });
   }
 }
 
@@ -894,7 +978,13 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
     const float L_lo = sm.row_sum[0][r_lo] + sm.row_sum[1][r_lo];
     const float L_hi = sm.row_sum[0][r_hi] + sm.row_sum[1][r_hi];
     if constexpr (F == KvFormat::kFp8PerTensor) scale_rows(o, out_scale, out_scale);
-    store_result<T>(p, pc, o, L_lo, L_hi, m_lo, m_hi, req, kvh, m0, r_lo, r_hi, wg, wg == 0);
+    // Staged in the page buffers for native caches (FP8 not measured: its converter owns them).
+    if (!kIsFp8<F> && !(p.tuning & kTuneDirectStore)) {
+      store_result_staged<T>(p, pc, o, L_lo, L_hi, m_lo, m_hi, req, kvh, m0, r_lo, r_hi, wg,
+                             smem_addr(sm.k[0]), smem_addr(sm.k[1]));
+    } else {
+      store_result<T>(p, pc, o, L_lo, L_hi, m_lo, m_hi, req, kvh, m0, r_lo, r_hi, wg, wg == 0);
+    }
     bar_sync(kBarMma, 2 * kWgThreads);  // row sums and buffers are reused by the next request
   }
 #ifdef JFM_TRACE
