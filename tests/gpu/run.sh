@@ -3,7 +3,7 @@
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
 #                    [racecheck] [ncu] [wgmma-rate] [xu-rate] [icache-probe] [trace] [build-exp] [cluster-probe]
-#                    [power] [sched-sweep]
+#                    [power] [sched-sweep] [racecheck-sites]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -142,6 +142,20 @@ if want racecheck; then  # shared-memory hazards (default: the narrow kernel's t
     || rc=$?
   grep -E "ok:|SUMMARY" "$OUT/racecheck.log" | tail -6
   note "racecheck (fp8 ${RACECHECK_KERNEL:-narrow}): rc=$rc $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1)"
+fi
+
+if want racecheck-sites; then  # racecheck of the native kernels, hazards counted by (kind, sites)
+  # racecheck does not model named bar.sync/bar.arrive pairs, so the pipelined kernel reports
+  # thousands of hazards across them (perf-notes v5.12); a new site pair is what to look for.
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    timeout 200 compute-sanitizer --tool racecheck --racecheck-report hazard --print-limit 100000000 \
+    --show-backtrace no --kernel-name kns=${RACECHECK_KERNEL:-pipelined} \
+    python3 tests/gpu/sanitize_cases.py ${RACECHECK_CASES:-4} > "$OUT/racecheck_sites.log" 2>&1
+  note "racecheck-sites (${RACECHECK_KERNEL:-pipelined}, cases ${RACECHECK_CASES:-4}): rc=$? $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck_sites.log" | tail -1)"
+  grep -E "hazard detected|Thread" "$OUT/racecheck_sites.log" \
+    | sed -E 's/at __shared__ 0x[0-9a-f]+ in block \([0-9,]+\)//; s/Thread \([0-9,]+\)//; s/at void .*\+0x[0-9a-f]+ in//; s/\+0x[0-9a-f]+ in/ in/; s/=+ +//g' \
+    | paste - - - | sort | uniq -c | sort -rn | head -30 | tee -a "$SUMMARY"
+  rm -f "$OUT/racecheck_sites.log"  # hundreds of MB with every hazard printed
 fi
 
 if want graphs; then
