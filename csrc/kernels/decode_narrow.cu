@@ -39,6 +39,7 @@
 #include "kernels/decode_fp8.h"
 #include "kernels/fp8_dequant.cuh"
 #include "kernels/mla.h"
+#include "kernels/part_clock.cuh"
 #include "kernels/tma_pipeline.cuh"
 
 namespace jfm {
@@ -448,10 +449,14 @@ __global__ void __launch_bounds__(kNarrowThreads<F, N>, 1)
   NarrowSmem<F, N>& sm =
       *reinterpret_cast<NarrowSmem<F, N>*>(smem_raw + (misalign ? kSmemAlign - misalign : 0));
 
+  JFM_PART_BEGIN();
   const int kvh = blockIdx.y, part = blockIdx.z;
   const int32_t* md = p.tile_md + (int64_t)part * kMetadataRow;
   const int begin_req = md[0];
-  if (begin_req < 0 || begin_req >= p.b) return;
+  if (begin_req < 0 || begin_req >= p.b) {
+    JFM_PART_END();
+    return;
+  }
   const int end_req = min(md[1], p.b - 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -767,6 +772,7 @@ __global__ void __launch_bounds__(kNarrowThreads<F, N>, 1)
     }
     bar_sync(kBarConsumers, kConsumers);  // red_sum and Q are reused by the next request
   }
+  JFM_PART_END();
 }
 
 template <typename T, KvFormat F, int N>
@@ -775,6 +781,9 @@ cudaError_t launch_n(const DecodeParams& p, const CUtensorMap& map, const CUtens
   const dim3 grid(1, p.h_kv, p.num_parts);
   narrow_kernel<T, F, N><<<grid, kNarrowThreads<F, N>, kNarrowSmemBytes<F, N>, stream>>>(p, map, aux,
                                                                                   kv_scale);
+#ifdef JFM_PART_TIMES
+  if (cudaPeekAtLastError() == cudaSuccess) part_clock::print_if_asked(stream, "narrow", grid);
+#endif
   return cudaGetLastError();
 }
 

@@ -62,6 +62,7 @@
 #include "kernels/decode_fp8.h"
 #include "kernels/fp8_dequant.cuh"
 #include "kernels/mla.h"
+#include "kernels/part_clock.cuh"
 #include "kernels/tma_pipeline.cuh"
 
 namespace jfm {
@@ -693,6 +694,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
   PipelinedSmem<T>& sm =
       *reinterpret_cast<PipelinedSmem<T>*>(smem_raw + (misalign ? kSmemAlign - misalign : 0));
 
+  JFM_PART_BEGIN();
   const int mb = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wg = warp >> 2, rg = warp & 3;
@@ -702,7 +704,10 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
 
   const int32_t* md = p.tile_md + (int64_t)part * kMetadataRow;
   const int begin_req = md[0];
-  if (begin_req < 0 || begin_req >= p.b) return;
+  if (begin_req < 0 || begin_req >= p.b) {
+    JFM_PART_END();
+    return;
+  }
   const int end_req = min(md[1], p.b - 1);
   const int r_lo = rg * 16 + lane / 4, r_hi = r_lo + 8;
   const bool quad_leader = lane % 4 == 0;
@@ -988,6 +993,7 @@ __global__ void __launch_bounds__(kKernelThreads<F>, 1)
     }
     bar_sync(kBarMma, 2 * kWgThreads);  // row sums and buffers are reused by the next request
   }
+  JFM_PART_END();
 #ifdef JFM_TRACE
   if (threadIdx.x == 0 && mb == 0 && kvh == 0 && part == 0 && atomicExch(&g_trace_printed, 1) == 0) {
     for (int i = 0; i < 2 * kTracePairs * kTraceEvents; ++i) g_trace[i] = sm.trace[i];
@@ -1026,6 +1032,9 @@ cudaError_t launch_kernel(const DecodeParams& p, const CUtensorMap& map, const C
   const dim3 grid((p.q_rows + kBlockM - 1) / kBlockM, p.h_kv, p.num_parts);
   pipelined_kernel<T, F><<<grid, kKernelThreads<F>, kPipelinedSmemBytes, stream>>>(p, map, rope,
                                                                                    kv_scale, vr);
+#ifdef JFM_PART_TIMES
+  if (cudaPeekAtLastError() == cudaSuccess) part_clock::print_if_asked(stream, "pipelined", grid);
+#endif
   return cudaGetLastError();
 }
 

@@ -3,7 +3,7 @@
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
 #                    [racecheck] [ncu] [wgmma-rate] [xu-rate] [icache-probe] [trace] [build-exp] [cluster-probe]
-#                    [power] [sched-sweep] [racecheck-sites]
+#                    [power] [sched-sweep] [racecheck-sites] [part-times]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -261,7 +261,20 @@ if want bench-mma; then  # the v1 (mma.sync) kernel on the same grid, for compar
   tail -26 "$OUT/bench_mma.log"
 fi
 
-# Last: it reinstalls the package as the trace build, which every later stage would use.
+# Last (with trace): it reinstalls the package as a probe build, which every later stage would use.
+if want part-times; then  # per-CTA start/end clocks of one launch: what a page and a piece cost
+  t0=$(date +%s)
+  CMAKE_ARGS="'-DCMAKE_CUDA_FLAGS=-DJFM_PART_TIMES'" python3 -m pip install --no-build-isolation --no-deps \
+    --config-settings=build-dir=build/part_times -v . > "$OUT/build_part_times.log" 2>&1 \
+    || { tail -30 "$OUT/build_part_times.log"; note "part-times build: FAILED"; }
+  note "part-times build: $(( $(date +%s) - t0 )) s"
+  # The host reads the stamps after the launch, which it cannot do inside a CUDA graph capture.
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout 400 python3 tests/gpu/part_times.py \
+    > "$OUT/part_times.log" 2>&1
+  note "part-times: rc=$?"
+  grep -E "^(PARTS|LAST)" "$OUT/part_times.log" | tee -a "$SUMMARY"
+fi
+
 if want trace; then  # timeline probe: a -DJFM_TRACE build prints SM-clock stamps of CTA (0,0,0)
   # (TRACE_FLAGS: more macros for that build, e.g. an experiment's)
   t0=$(date +%s)

@@ -1,0 +1,128 @@
+"""What each decode CTA spends, from the per-CTA clock probe (tests/gpu/run.sh part-times): not a test.
+
+Needs the package built with -DJFM_PART_TIMES and XLA's command buffers off. For each case and
+per-piece charge of the schedule (``schedule_numpy(..., fixed_overhead=c)``), one launch is
+stamped after a few warm ones: each CTA's start and end (%globaltimer). With the schedule's
+pages, pieces and split pieces per part, a least-squares fit of the CTAs' durations gives what a
+page, a piece and a split piece cost; the CTA that ends last shows whether the launch waits on
+the most loaded part or on a late start. Prints ``PARTS`` lines (one per case and charge) and
+``LAST`` lines (the latest CTAs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flashmla import bench, scheduler
+
+DEFAULT_CASES = ("s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=128,s_k=4096;"
+                 "s_q=2,h_q=128,s_k=4096;s_q=2,h_q=128,s_k=16384")
+
+
+def part_load(md: np.ndarray, num_splits: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """[parts, 3]: pages, pieces and split pieces (of requests cut over parts) of each part."""
+    nblk = scheduler._blocks(np.asarray(lengths))
+    pieces_of = np.diff(np.asarray(num_splits))
+    b = len(lengths)
+    load = np.zeros((md.shape[0], 3))
+    for i, row in enumerate(md):
+        begin_req, end_req, begin_blk, end_blk = (int(v) for v in row[:4])
+        if begin_req >= b or begin_req < 0:
+            continue
+        for req in range(begin_req, end_req + 1):
+            start = begin_blk if req == begin_req else 0
+            end = end_blk if req == end_req else nblk[req]
+            load[i] += (end - start, 1, pieces_of[req] > 1)
+    return load
+
+
+def stamped_launch(fn, args) -> list[str]:
+    """Runs fn(*args) once with the probe's printing on; returns the JFM_PART lines it printed."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 1)
+        os.environ["JFM_PART_TIMES_PRINT"] = "1"
+        try:
+            jax.block_until_ready(fn(*args))
+        finally:
+            os.environ.pop("JFM_PART_TIMES_PRINT", None)
+            os.dup2(saved, 1)
+            os.close(saved)
+        capture.seek(0)
+        return capture.read().decode().splitlines()
+
+
+def parse_launch(lines: list[str]):
+    """(grid, stamps [ctas, 3]: smid, begin ns, end ns) of the decode kernel's stamped launch."""
+    grid, rows = None, []
+    for line in lines:
+        f = line.split()
+        if f and f[0] == "JFM_PART_LAUNCH":
+            grid, rows = tuple(int(x) for x in f[2:5]), []
+        elif f and f[0] == "JFM_PART":
+            rows.append([int(f[2]), int(f[3]), int(f[4])])
+    if grid is None:
+        raise SystemExit("no JFM_PART_LAUNCH line: build with -DJFM_PART_TIMES and turn XLA's "
+                         "command buffers off (--xla_gpu_enable_command_buffer=)")
+    return grid, np.asarray(rows, dtype=np.int64)
+
+
+def report(label: str, c: int, grid, stamps: np.ndarray, load: np.ndarray, us_call: float):
+    per_part = grid[0] * grid[1]
+    part = np.arange(stamps.shape[0]) // per_part
+    t0 = stamps[:, 1].min()
+    begin = (stamps[:, 1] - t0) / 1e3
+    end = (stamps[:, 2] - t0) / 1e3
+    dur = end - begin
+    x = load[part]
+    busy = x[:, 1] > 0
+    a = np.column_stack([x[busy], np.ones(busy.sum())])
+    coef, *_ = np.linalg.lstsq(a, dur[busy], rcond=None)
+    resid = dur[busy] - a @ coef
+    r2 = 1 - resid.var() / max(dur[busy].var(), 1e-12)
+    print(f"PARTS {label:40s} charge {c} ctas {stamps.shape[0]} call {us_call:8.1f} us | "
+          f"span {end.max():7.1f} us, starts within {begin.max():5.1f} | duration mean "
+          f"{dur[busy].mean():7.1f} max {dur.max():7.1f} | pages/part mean {load[:, 0].mean():6.1f} "
+          f"max {load[:, 0].max():4.0f} | fit us: page {coef[0]:5.2f} piece {coef[1]:5.2f} "
+          f"split {coef[2]:5.2f} const {coef[3]:6.2f} (R2 {r2:.3f}, resid sd {resid.std():.2f})",
+          flush=True)
+    for i in np.argsort(-end)[:3]:
+        print(f"LAST  {label:40s} charge {c} cta {i} part {part[i]} sm {stamps[i, 0]} start "
+              f"{begin[i]:6.1f} end {end[i]:7.1f} pages {x[i, 0]:4.0f} pieces {x[i, 1]:2.0f} "
+              f"split {x[i, 2]:1.0f}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default=os.environ.get("PART_CASES", DEFAULT_CASES))
+    p.add_argument("--overheads", default=os.environ.get("PART_OVERHEADS", "5,2,0"))
+    p.add_argument("--warm", type=int, default=5)
+    a = p.parse_args()
+    print(jax.devices(), flush=True)
+    for case in bench.parse_cases(a.cases):
+        problem = bench.make_problem(case, jnp.bfloat16)
+        lengths = bench.case_lengths(case)
+        parts = problem.tile_md.shape[0]
+        decode = lambda *args: bench._decode(*args, causal=case.causal)  # noqa: E731
+        for c in [int(v) for v in a.overheads.split(",")]:
+            md, ns = scheduler.schedule_numpy(lengths, parts, fixed_overhead=c)
+            args = (problem.q, problem.k_cache, problem.block_table, problem.cache_seqlens,
+                    jnp.asarray(md), jnp.asarray(ns), problem.kv_scale)
+            for _ in range(a.warm):
+                jax.block_until_ready(decode(*args))
+            t = bench.time_per_call(decode, args, reps=3, target_s=0.05, keep_all=False)
+            grid, stamps = parse_launch(stamped_launch(decode, args))
+            report(case.label(), c, grid, stamps, part_load(md, ns, lengths), t.median_s * 1e6)
+        del problem
+
+
+if __name__ == "__main__":
+    main()
