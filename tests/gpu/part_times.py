@@ -105,7 +105,12 @@ def main():
     p.add_argument("--cases", default=os.environ.get("PART_CASES", DEFAULT_CASES))
     p.add_argument("--overheads", default=os.environ.get("PART_OVERHEADS", "5,2,0"))
     p.add_argument("--warm", type=int, default=5)
+    p.add_argument("--launches", type=int, default=int(os.environ.get("PART_LAUNCHES", "1")),
+                   help="stamped launches per case and charge (does a CTA's SM keep its speed?)")
+    p.add_argument("--raw", default=os.environ.get("PART_RAW"),
+                   help="write every stamped launch's [ctas, 3] stamps and part loads to this .npz")
     a = p.parse_args()
+    raw = {}
     print(jax.devices(), flush=True)
     for case in bench.parse_cases(a.cases):
         problem = bench.make_problem(case, jnp.bfloat16)
@@ -119,9 +124,15 @@ def main():
             for _ in range(a.warm):
                 jax.block_until_ready(decode(*args))
             t = bench.time_per_call(decode, args, reps=3, target_s=0.05, keep_all=False)
-            grid, stamps = parse_launch(stamped_launch(decode, args))
-            report(case.label(), c, grid, stamps, part_load(md, ns, lengths), t.median_s * 1e6)
+            load = part_load(md, ns, lengths)
+            for k in range(a.launches):
+                grid, stamps = parse_launch(stamped_launch(decode, args))
+                report(case.label(), c, grid, stamps, load, t.median_s * 1e6)
+                tag = f"{case.label().replace(' ', '_')}_c{c}_l{k}"
+                raw[tag + "_stamps"], raw[tag + "_load"] = stamps, load
         del problem
+    if a.raw:
+        np.savez(a.raw, **raw)
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ if want part-times; then  # per-CTA start/end clocks of one launch: what a page 
     || { tail -30 "$OUT/build_part_times.log"; note "part-times build: FAILED"; }
   note "part-times build: $(( $(date +%s) - t0 )) s"
   # The host reads the stamps after the launch, which it cannot do inside a CUDA graph capture.
-  XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout 400 python3 tests/gpu/part_times.py \
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=" PART_RAW="$OUT/part_stamps.npz" timeout 400 python3 tests/gpu/part_times.py \
     > "$OUT/part_times.log" 2>&1
   note "part-times: rc=$?"
   grep -E "^(PARTS|LAST)" "$OUT/part_times.log" | tee -a "$SUMMARY"
