@@ -3,7 +3,7 @@
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
 #                    [racecheck] [ncu] [wgmma-rate] [xu-rate] [icache-probe] [trace] [build-exp] [cluster-probe]
-#                    [power] [sched-sweep] [racecheck-sites] [part-times]
+#                    [power] [sched-sweep] [racecheck-sites] [part-times] [ab-patch]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -72,6 +72,46 @@ if want build-exp; then  # the same package built with experiment macros (EXP_FL
     || { tail -30 "$OUT/build_exp.log"; note "build-exp: FAILED"; cat "$SUMMARY"; exit 1; }
   note "build-exp ($EXP_FLAGS): ok ($(( $(date +%s) - t0 )) s)"
   grep -E "spill" "$OUT/build_exp.log" | sort | uniq -c | head -8
+fi
+
+if want ab-patch; then  # the tree against itself with each of AB_PATCHES applied alone, same call
+  # AB_PATCHES: patch files (-p1, e.g. docs/patches/*.patch); AB_ROUNDS rounds of base, patch 1,
+  # patch 2, ... (each its own build directory, reinstalled before its bench); AB_CASES: bench
+  # cases. AB_KEEP: a patch left applied and installed afterwards, so that the stages after this
+  # one (smoke, test, sanitize, bench, ...) run on it.
+  ab_cases=${AB_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=8192;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=4096"}
+  ab_install() {  # $1: tag; installs the tree as it is now
+    local t0 rc; t0=$(date +%s)
+    python3 -m pip install --no-build-isolation --no-deps --config-settings=build-dir=build/ab_$1 \
+      -v . > "$OUT/ab_install_$1.log" 2>&1
+    rc=$?
+    note "ab-patch install $1: rc=$rc ($(( $(date +%s) - t0 )) s)"
+    [ $rc -eq 0 ] || tail -20 "$OUT/ab_install_$1.log"
+    return $rc
+  }
+  for r in $(seq "${AB_ROUNDS:-2}"); do
+    for v in base ${AB_PATCHES:?AB_PATCHES names the patch files}; do
+      tag=base
+      if [ "$v" != base ]; then
+        tag=$(basename "$v" .patch)
+        patch -s -p1 < "$v" || { note "ab-patch: $v does not apply"; continue; }
+      fi
+      ab_install "$tag"; rc=$?
+      [ "$v" != base ] && patch -s -R -p1 < "$v"
+      [ $rc -eq 0 ] || continue
+      python3 -m jax_flashmla.bench --no-naive --reps 5 --cases "$ab_cases" \
+        > "$OUT/ab_${tag}_$r.log" 2>&1
+      note "ab-patch round $r $tag: rc=$?"
+      grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+" "$OUT/ab_${tag}_$r.log" | tee -a "$SUMMARY"
+    done
+  done
+  if [ -n "${AB_KEEP:-}" ]; then
+    patch -s -p1 < "$AB_KEEP" && ab_install "$(basename "$AB_KEEP" .patch)" \
+      && note "ab-patch: $AB_KEEP applied and installed for the stages after this one" \
+      || { note "ab-patch: AB_KEEP $AB_KEEP failed"; cat "$SUMMARY"; exit 1; }
+  else
+    ab_install base || exit 1
+  fi
 fi
 
 if want smoke; then  # a few grid cases, time-limited: a hang or wrong result shows up in seconds
