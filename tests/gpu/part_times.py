@@ -5,8 +5,8 @@ per-piece charge of the schedule (``schedule_numpy(..., fixed_overhead=c)``), on
 stamped after a few warm ones: each CTA's start and end (%globaltimer). With the schedule's
 pages, pieces and split pieces per part, a least-squares fit of the CTAs' durations gives what a
 page, a piece and a split piece cost; the CTA that ends last shows whether the launch waits on
-the most loaded part or on a late start. Prints ``PARTS`` lines (one per case and charge) and
-``LAST`` lines (the latest CTAs).
+the most loaded part or on a late start. Prints ``PARTS`` lines (one per case and charge),
+``LAST`` lines (the latest CTAs) and ``SMS`` lines (does an SM keep its speed across launches).
 """
 
 from __future__ import annotations
@@ -100,6 +100,37 @@ def report(label: str, c: int, grid, stamps: np.ndarray, load: np.ndarray, us_ca
               f"split {x[i, 2]:1.0f}", flush=True)
 
 
+def sm_persistence(raw: dict) -> None:
+    """Prints SMS lines: per case, whether an SM keeps its speed across the stamped launches.
+
+    Each CTA's duration less the launch's fit (pages, pieces, split pieces), over the mean
+    duration, is keyed by the CTA's SM; the line gives the mean correlation of those residuals
+    between launches (charges and repeats) and the SMs fastest and slowest on average."""
+    cases: dict[str, list[np.ndarray]] = {}
+    for key in sorted(k[: -len("_stamps")] for k in raw if k.endswith("_stamps")):
+        stamps, load = raw[key + "_stamps"], raw[key + "_load"]
+        part = np.arange(stamps.shape[0]) // (stamps.shape[0] // load.shape[0])
+        dur = (stamps[:, 2] - stamps[:, 1]) / 1e3
+        a = np.column_stack([load[part], np.ones(len(dur))])
+        coef, *_ = np.linalg.lstsq(a, dur, rcond=None)
+        by_sm = np.full(int(stamps[:, 0].max()) + 1, np.nan)
+        by_sm[stamps[:, 0]] = (dur - a @ coef) / dur.mean()
+        cases.setdefault(key.rsplit("_c", 1)[0], []).append(by_sm)
+    for case, rows in cases.items():
+        width = max(len(r) for r in rows)
+        m = np.array([np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows])
+        ok = ~np.isnan(m).any(axis=0)
+        corr = np.corrcoef(m[:, ok]) if len(rows) > 1 else np.ones((1, 1))
+        off = corr[~np.eye(len(rows), dtype=bool)] if len(rows) > 1 else np.array([np.nan])
+        mean = np.nanmean(m[:, ok], axis=0)
+        sms = np.flatnonzero(ok)
+        order = np.argsort(mean)
+        fmt = lambda idx: " ".join(f"{sms[i]}:{100 * mean[i]:+.1f}%" for i in idx)  # noqa: E731
+        print(f"SMS   {case:50s} launches {len(rows)} resid sd {100 * np.nanstd(m):.2f}% | "
+              f"corr between launches mean {np.nanmean(off):.2f} min {np.nanmin(off):.2f} | "
+              f"fastest {fmt(order[:5])} | slowest {fmt(order[::-1][:5])}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default=os.environ.get("PART_CASES", DEFAULT_CASES))
@@ -109,7 +140,12 @@ def main():
                    help="stamped launches per case and charge (does a CTA's SM keep its speed?)")
     p.add_argument("--raw", default=os.environ.get("PART_RAW"),
                    help="write every stamped launch's [ctas, 3] stamps and part loads to this .npz")
+    p.add_argument("--analyze", metavar="NPZ", help="only print the SMS lines of a saved --raw file")
     a = p.parse_args()
+    if a.analyze:
+        with np.load(a.analyze) as saved:
+            sm_persistence(dict(saved))
+        return
     raw = {}
     print(jax.devices(), flush=True)
     for case in bench.parse_cases(a.cases):
@@ -133,6 +169,7 @@ def main():
         del problem
     if a.raw:
         np.savez(a.raw, **raw)
+    sm_persistence(raw)
 
 
 if __name__ == "__main__":

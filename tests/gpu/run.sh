@@ -312,7 +312,7 @@ if want part-times; then  # per-CTA start/end clocks of one launch: what a page 
   XLA_FLAGS="--xla_gpu_enable_command_buffer=" PART_RAW="$OUT/part_stamps.npz" timeout 400 python3 tests/gpu/part_times.py \
     > "$OUT/part_times.log" 2>&1
   note "part-times: rc=$?"
-  grep -E "^(PARTS|LAST)" "$OUT/part_times.log" | tee -a "$SUMMARY"
+  grep -E "^(PARTS|LAST|SMS)" "$OUT/part_times.log" | tee -a "$SUMMARY"
 fi
 
 if want trace; then  # timeline probe: a -DJFM_TRACE build prints SM-clock stamps of CTA (0,0,0)
