@@ -125,7 +125,7 @@ def test_extremes(subcases, s_q, h_q, causal):
 def test_many_short_requests_per_part(s_q, h_q, h_kv, causal):
     """Requests of 0-6 pages, many per CTA: every page-count parity, empty requests between
     others, and each request's epilogue followed by the next request's loads into the same
-    buffers (16 rows: the narrow kernel's tile ring wrapping across requests)."""
+    buffers (16 rows: the narrow kernel's ring of stages wrapping across requests)."""
     q, kc, bt, sl = make_merged(_seed(s_q, h_q, h_kv, causal, "short"), [(1024, 200, True, 0.2)],
                                 s_q, h_q, h_kv, jnp.bfloat16)
     md, _ = fm.get_mla_metadata(sl, s_q * h_q // h_kv, h_kv)
