@@ -79,6 +79,7 @@ if want ab-patch; then  # the tree against itself with each of AB_PATCHES applie
   # patch 2, ... (each its own build directory, reinstalled before its bench); AB_CASES: bench
   # cases. AB_KEEP: a patch left applied and installed afterwards, so that the stages after this
   # one (smoke, test, sanitize, bench, ...) run on it.
+  command -v patch > /dev/null || { note "ab-patch: no patch command here"; cat "$SUMMARY"; exit 1; }
   ab_cases=${AB_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=8192;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=4096"}
   ab_install() {  # $1: tag; installs the tree as it is now
     local t0 rc; t0=$(date +%s)
