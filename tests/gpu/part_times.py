@@ -75,18 +75,26 @@ def parse_launch(lines: list[str]):
     return grid, np.asarray(rows, dtype=np.int64)
 
 
-def report(label: str, c: int, grid, stamps: np.ndarray, load: np.ndarray, us_call: float):
-    per_part = grid[0] * grid[1]
-    part = np.arange(stamps.shape[0]) // per_part
-    t0 = stamps[:, 1].min()
-    begin = (stamps[:, 1] - t0) / 1e3
-    end = (stamps[:, 2] - t0) / 1e3
-    dur = end - begin
+def fit_durations(stamps: np.ndarray, load: np.ndarray):
+    """Least-squares fit of the busy CTAs' durations (us) to their part's load.
+
+    Returns (part of each CTA, duration, busy mask, coefficients: page, piece, split piece,
+    constant, residuals of the busy CTAs)."""
+    part = np.arange(stamps.shape[0]) // (stamps.shape[0] // load.shape[0])
+    dur = (stamps[:, 2] - stamps[:, 1]) / 1e3
     x = load[part]
     busy = x[:, 1] > 0
     a = np.column_stack([x[busy], np.ones(busy.sum())])
     coef, *_ = np.linalg.lstsq(a, dur[busy], rcond=None)
-    resid = dur[busy] - a @ coef
+    return part, dur, busy, coef, dur[busy] - a @ coef
+
+
+def report(label: str, c: int, stamps: np.ndarray, load: np.ndarray, us_call: float):
+    part, dur, busy, coef, resid = fit_durations(stamps, load)
+    x = load[part]
+    t0 = stamps[:, 1].min()
+    begin = (stamps[:, 1] - t0) / 1e3
+    end = (stamps[:, 2] - t0) / 1e3
     r2 = 1 - resid.var() / max(dur[busy].var(), 1e-12)
     print(f"PARTS {label:40s} charge {c} ctas {stamps.shape[0]} call {us_call:8.1f} us | "
           f"span {end.max():7.1f} us, starts within {begin.max():5.1f} | duration mean "
@@ -103,18 +111,15 @@ def report(label: str, c: int, grid, stamps: np.ndarray, load: np.ndarray, us_ca
 def sm_persistence(raw: dict) -> None:
     """Prints SMS lines: per case, whether an SM keeps its speed across the stamped launches.
 
-    Each CTA's duration less the launch's fit (pages, pieces, split pieces), over the mean
-    duration, is keyed by the CTA's SM; the line gives the mean correlation of those residuals
-    between launches (charges and repeats) and the SMs fastest and slowest on average."""
+    Each busy CTA's duration less the launch's fit (fit_durations), over the mean duration, is
+    keyed by the CTA's SM; the line gives the mean correlation of those residuals between
+    launches (charges and repeats) and the SMs fastest and slowest on average."""
     cases: dict[str, list[np.ndarray]] = {}
     for key in sorted(k[: -len("_stamps")] for k in raw if k.endswith("_stamps")):
-        stamps, load = raw[key + "_stamps"], raw[key + "_load"]
-        part = np.arange(stamps.shape[0]) // (stamps.shape[0] // load.shape[0])
-        dur = (stamps[:, 2] - stamps[:, 1]) / 1e3
-        a = np.column_stack([load[part], np.ones(len(dur))])
-        coef, *_ = np.linalg.lstsq(a, dur, rcond=None)
+        stamps = raw[key + "_stamps"]
+        _, dur, busy, _, resid = fit_durations(stamps, raw[key + "_load"])
         by_sm = np.full(int(stamps[:, 0].max()) + 1, np.nan)
-        by_sm[stamps[:, 0]] = (dur - a @ coef) / dur.mean()
+        by_sm[stamps[busy, 0]] = resid / dur[busy].mean()
         cases.setdefault(key.rsplit("_c", 1)[0], []).append(by_sm)
     for case, rows in cases.items():
         width = max(len(r) for r in rows)
@@ -162,8 +167,8 @@ def main():
             t = bench.time_per_call(decode, args, reps=3, target_s=0.05, keep_all=False)
             load = part_load(md, ns, lengths)
             for k in range(a.launches):
-                grid, stamps = parse_launch(stamped_launch(decode, args))
-                report(case.label(), c, grid, stamps, load, t.median_s * 1e6)
+                _, stamps = parse_launch(stamped_launch(decode, args))
+                report(case.label(), c, stamps, load, t.median_s * 1e6)
                 tag = f"{case.label().replace(' ', '_')}_c{c}_l{k}"
                 raw[tag + "_stamps"], raw[tag + "_load"] = stamps, load
         del problem
