@@ -412,8 +412,10 @@ __device__ __forceinline__ void produce(const DecodeParams& p, NarrowSmem<F, N>&
     for (int b = pc.start; b < pc.end; ++b, ++it) {
       const int st = it % kCount;
       const uint32_t round = it / kCount;
-      if (round > 0) mbar_wait(smem_addr(&sm.empty[st]), (round - 1) & 1);
+      // The page id is loaded before the wait for a free stage, so its latency passes during the
+      // wait instead of between the stage freeing and the TMA issue.
       const int page = bt[b];
+      if (round > 0) mbar_wait(smem_addr(&sm.empty[st]), (round - 1) & 1);
       const uint32_t dst = smem_addr(sm.stage[st]), bar = smem_addr(&sm.full[st]);
       mbar_expect_tx(true, bar, Stage<F>::kBytes);
       if constexpr (F == KvFormat::kNative) {
