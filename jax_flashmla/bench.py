@@ -249,7 +249,7 @@ def _quantize_pool(k_cache, kv_scale, num_chunks, layout):
     return out.reshape(-1, *out.shape[2:])
 
 
-def make_problem(case: Case, dtype, kv: str = "bf16") -> Problem:
+def make_problem(case: Case, dtype, kv: str = "bf16", num_sms: int | None = None) -> Problem:
     lengths = case_lengths(case)
     pad = padded_len(lengths)
     blocks_per_seq = pad // PAGE_SIZE
@@ -264,7 +264,7 @@ def make_problem(case: Case, dtype, kv: str = "bf16") -> Problem:
     cache_seqlens = jnp.asarray(lengths)
     # Metadata once per step, shared by every call (as a model shares it by all layers).
     tile_md, num_splits = get_mla_metadata(cache_seqlens, case.s_q * case.h_q // case.h_kv,
-                                           case.h_kv)
+                                           case.h_kv, num_sms=num_sms)
     kv_scale = None
     if kv != "bf16":
         # The same data, quantized; the bf16 pool is dropped once the FP8 one exists.
@@ -555,7 +555,7 @@ def run_case(case: Case, opts: argparse.Namespace, env: dict, kv: str = "bf16") 
                              f"may use")
         return result
 
-    problem = make_problem(case, dtype, kv)
+    problem = make_problem(case, dtype, kv, opts.num_sms)
     args = problem.decode_args()
     decode = functools.partial(_decode, causal=case.causal, kv=kv)
     out, _ = decode(*args)
@@ -765,9 +765,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="only the first 3 cases, at most 3 reps")
     p.add_argument("--profile", action="store_true",
                    help="GPU: also trace 20 calls with jax.profiler and report kernel times")
+    p.add_argument("--num-sms", type=int, default=None, metavar="N",
+                   help="SM count the metadata schedules for (get_mla_metadata's num_sms; default: "
+                        "the device's). More than the device has gives the decode several waves "
+                        "of CTAs, which a fast SM takes more of (a schedule experiment)")
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error("--reps must be >= 1")
+    if args.num_sms is not None and args.num_sms < 1:
+        p.error("--num-sms must be >= 1")
     args.kv_kinds = (list(KV_KINDS) if args.kv == "all" else
                      ["bf16"] + ([args.kv] if args.kv != "bf16" else []))
     if len(args.kv_kinds) > 1 and args.dtype != "bf16":
@@ -865,6 +871,7 @@ def main(argv=None) -> dict:
                 f" ({r['profile_error']})" if r.get("profile_error") else ""))
 
     report = {"meta": {**env, "reps": opts.reps, "target_ms": opts.target_ms,
+                       "schedule_num_sms": opts.num_sms,
                        "dtype": opts.dtype, "kv": opts.kv_kinds,
                        "argv": list(sys.argv if argv is None else argv),
                        "formulas": {

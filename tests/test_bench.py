@@ -74,10 +74,10 @@ def test_anchor_lookup():
 def test_failing_case_is_reported_and_others_run(monkeypatch, capsys):
     real = bench.make_problem
 
-    def flaky(case, dtype, kv="bf16"):
+    def flaky(case, dtype, kv="bf16", num_sms=None):
         if case.h_q == 32:
             raise RuntimeError("boom\nsecond line")
-        return real(case, dtype, kv)
+        return real(case, dtype, kv, num_sms)
 
     monkeypatch.setattr(bench, "make_problem", flaky)
     report = bench.main(["--cases", "b=1,h_q=32,s_k=64;b=1,h_q=16,s_k=64", "--no-naive",
@@ -86,3 +86,14 @@ def test_failing_case_is_reported_and_others_run(monkeypatch, capsys):
     assert report["cases"][0]["skipped"] == "failed: RuntimeError: boom"
     assert report["cases"][1]["us"] > 0
     assert "skipped: failed: RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_num_sms_sets_the_schedule(capsys):
+    """--num-sms reaches get_mla_metadata: one metadata row per scheduled SM part."""
+    import jax.numpy as jnp
+    case = bench.Case(b=3, s_q=1, h_q=16, s_k=200)
+    assert bench.make_problem(case, jnp.bfloat16, num_sms=7).tile_md.shape == (7, 8)
+    assert bench.make_problem(case, jnp.bfloat16, num_sms=264).tile_md.shape == (264, 8)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--num-sms", "0"])
+    assert "--num-sms must be >= 1" in capsys.readouterr().err
