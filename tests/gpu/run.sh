@@ -39,6 +39,22 @@ standalone_probe() {
   note "$stage: rc=$rc"
   grep "$tag" "$OUT/$name.log" | tee -a "$SUMMARY"
 }
+# Installs the tree with pip (no build isolation). $1: log file in $OUT; $2: build directory
+# ("" = pip's default); $3: macros for CMAKE_CUDA_FLAGS ("" = none). Sets INSTALL_S to the
+# seconds taken; on failure prints the log's tail and returns pip's status.
+install_tree() {
+  local log=$OUT/$1 t0 rc=0 args=(--no-build-isolation --no-deps -v)
+  t0=$(date +%s)
+  [ -n "$2" ] && args+=("--config-settings=build-dir=$2")
+  if [ -n "$3" ]; then
+    CMAKE_ARGS="'-DCMAKE_CUDA_FLAGS=$3'" python3 -m pip install "${args[@]}" . > "$log" 2>&1 || rc=$?
+  else
+    python3 -m pip install "${args[@]}" . > "$log" 2>&1 || rc=$?
+  fi
+  INSTALL_S=$(( $(date +%s) - t0 ))
+  [ $rc -eq 0 ] || tail -30 "$log"
+  return $rc
+}
 export PYTHONUNBUFFERED=1
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -50,12 +66,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw -
   | tee "$OUT/gpu.txt"
 
 if want build; then
-  t0=$(date +%s)
-  if python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; then
-    note "build: ok ($(( $(date +%s) - t0 )) s)"
-  else
-    tail -40 "$OUT/build.log"; note "build: FAILED"; cat "$SUMMARY"; exit 1
-  fi
+  install_tree build.log "" "" || { note "build: FAILED"; cat "$SUMMARY"; exit 1; }
+  note "build: ok ($INSTALL_S s)"
   grep -E "spill|registers" "$OUT/build.log" | sort -u | head -8
   lib=$(find build -name "libjfm_kernels.a" | head -1)
   if [ -n "$lib" ] && command -v cuobjdump >/dev/null; then
@@ -66,11 +78,9 @@ if want build; then
 fi
 
 if want build-exp; then  # the same package built with experiment macros (EXP_FLAGS, e.g. -DJFM_EXP_X)
-  t0=$(date +%s)
-  CMAKE_ARGS="'-DCMAKE_CUDA_FLAGS=${EXP_FLAGS:?EXP_FLAGS names the macros}'" python3 -m pip install \
-    --no-build-isolation --no-deps --config-settings=build-dir=build/exp${BUILD_EXP_TAG:+_$BUILD_EXP_TAG} -v . > "$OUT/build_exp.log" 2>&1 \
-    || { tail -30 "$OUT/build_exp.log"; note "build-exp: FAILED"; cat "$SUMMARY"; exit 1; }
-  note "build-exp ($EXP_FLAGS): ok ($(( $(date +%s) - t0 )) s)"
+  install_tree build_exp.log "build/exp${BUILD_EXP_TAG:+_$BUILD_EXP_TAG}" "${EXP_FLAGS:?EXP_FLAGS names the macros}" \
+    || { note "build-exp: FAILED"; cat "$SUMMARY"; exit 1; }
+  note "build-exp ($EXP_FLAGS): ok ($INSTALL_S s)"
   grep -E "spill" "$OUT/build_exp.log" | sort | uniq -c | head -8
 fi
 
@@ -82,12 +92,9 @@ if want ab-patch; then  # the tree against itself with each of AB_PATCHES applie
   command -v patch > /dev/null || { note "ab-patch: no patch command here"; cat "$SUMMARY"; exit 1; }
   ab_cases=${AB_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=8192;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=4096"}
   ab_install() {  # $1: tag; installs the tree as it is now
-    local t0 rc; t0=$(date +%s)
-    python3 -m pip install --no-build-isolation --no-deps --config-settings=build-dir=build/ab_$1 \
-      -v . > "$OUT/ab_install_$1.log" 2>&1
-    rc=$?
-    note "ab-patch install $1: rc=$rc ($(( $(date +%s) - t0 )) s)"
-    [ $rc -eq 0 ] || tail -20 "$OUT/ab_install_$1.log"
+    local rc=0
+    install_tree "ab_install_$1.log" "build/ab_$1" "" || rc=$?
+    note "ab-patch install $1: rc=$rc ($INSTALL_S s)"
     return $rc
   }
   for r in $(seq "${AB_ROUNDS:-2}"); do
@@ -304,11 +311,8 @@ fi
 
 # Last (with trace): it reinstalls the package as a probe build, which every later stage would use.
 if want part-times; then  # per-CTA start/end clocks of one launch: what a page and a piece cost
-  t0=$(date +%s)
-  CMAKE_ARGS="'-DCMAKE_CUDA_FLAGS=-DJFM_PART_TIMES'" python3 -m pip install --no-build-isolation --no-deps \
-    --config-settings=build-dir=build/part_times -v . > "$OUT/build_part_times.log" 2>&1 \
-    || { tail -30 "$OUT/build_part_times.log"; note "part-times build: FAILED"; }
-  note "part-times build: $(( $(date +%s) - t0 )) s"
+  install_tree build_part_times.log build/part_times -DJFM_PART_TIMES || note "part-times build: FAILED"
+  note "part-times build: $INSTALL_S s"
   # The host reads the stamps after the launch, which it cannot do inside a CUDA graph capture.
   XLA_FLAGS="--xla_gpu_enable_command_buffer=" PART_RAW="$OUT/part_stamps.npz" timeout 400 python3 tests/gpu/part_times.py \
     > "$OUT/part_times.log" 2>&1
@@ -318,11 +322,8 @@ fi
 
 if want trace; then  # timeline probe: a -DJFM_TRACE build prints SM-clock stamps of CTA (0,0,0)
   # (TRACE_FLAGS: more macros for that build, e.g. an experiment's)
-  t0=$(date +%s)
-  CMAKE_ARGS="'-DCMAKE_CUDA_FLAGS=-DJFM_TRACE ${TRACE_FLAGS:-}'" python3 -m pip install --no-build-isolation --no-deps \
-    --config-settings=build-dir=build/trace -v . > "$OUT/build_trace.log" 2>&1 \
-    || { tail -30 "$OUT/build_trace.log"; note "trace build: FAILED"; }
-  note "trace build: $(( $(date +%s) - t0 )) s"
+  install_tree build_trace.log build/trace "-DJFM_TRACE ${TRACE_FLAGS:-}" || note "trace build: FAILED"
+  note "trace build: $INSTALL_S s"
   # The host prints the stamps after the first launch (dump_trace), which it cannot do inside a
   # CUDA graph capture: XLA's command buffers are off here. TRACE_TUNING=1: the no-loads build.
   for c in ${TRACE_CASES:-"s_q=2,h_q=128,s_k=16384"}; do
