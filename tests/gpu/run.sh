@@ -3,7 +3,7 @@
 #   tests/gpu/run.sh [build] [smoke] [test] [sanitize] [graphs] [example] [multi] [bench]
 #                    [bench-quick] [bench-variants] [bench-mma] [test-fp8] [sanitize-fp8] [bench-fp8]
 #                    [racecheck] [ncu] [wgmma-rate] [xu-rate] [icache-probe] [trace] [build-exp] [cluster-probe]
-#                    [power] [sched-sweep] [racecheck-sites] [part-times] [ab-patch]
+#                    [power] [sched-sweep] [racecheck-sites] [part-times] [ab-patch] [ab-tuning]
 #   (sanitize also runs the FP8 memcheck cases; sanitize-fp8 runs only those)
 #   (default: build test sanitize graphs bench)
 # Carries: .whl/ holds the nvidia-cutlass wheel (the machine has no network). Logs go to $OUT.
@@ -120,6 +120,18 @@ if want ab-patch; then  # the tree against itself with each of AB_PATCHES applie
   else
     ab_install base || exit 1
   fi
+fi
+
+if want ab-tuning; then  # the installed build under each of AB_TUNINGS (JAX_FLASHMLA_TUNING), alternating
+  ab_cases=${AB_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=8192;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=4096"}
+  for r in $(seq "${AB_ROUNDS:-2}"); do
+    for t in ${AB_TUNINGS:?AB_TUNINGS names the tuning values}; do
+      JAX_FLASHMLA_TUNING=$t python3 -m jax_flashmla.bench --no-naive --reps 5 --cases "$ab_cases" \
+        > "$OUT/ab_tuning_${t}_$r.log" 2>&1
+      note "ab-tuning round $r tuning $t: rc=$?"
+      grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+" "$OUT/ab_tuning_${t}_$r.log" | tee -a "$SUMMARY"
+    done
+  done
 fi
 
 if want smoke; then  # a few grid cases, time-limited: a hang or wrong result shows up in seconds
