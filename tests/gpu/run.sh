@@ -55,6 +55,14 @@ install_tree() {
   [ $rc -eq 0 ] || tail -30 "$log"
   return $rc
 }
+# One A/B bench (ab-patch, ab-tuning) of AB_CASES, its log $OUT/$1.log; $2 labels its summary
+# lines. The environment (JAX_FLASHMLA_TUNING) is the caller's.
+AB_CASES=${AB_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=8192;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=4096"}
+ab_bench() {
+  python3 -m jax_flashmla.bench --no-naive --reps 5 --cases "$AB_CASES" > "$OUT/$1.log" 2>&1
+  note "$2: rc=$?"
+  grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+" "$OUT/$1.log" | tee -a "$SUMMARY"
+}
 export PYTHONUNBUFFERED=1
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -90,7 +98,6 @@ if want ab-patch; then  # the tree against itself with each of AB_PATCHES applie
   # cases. AB_KEEP: a patch left applied and installed afterwards, so that the stages after this
   # one (smoke, test, sanitize, bench, ...) run on it.
   command -v patch > /dev/null || { note "ab-patch: no patch command here"; cat "$SUMMARY"; exit 1; }
-  ab_cases=${AB_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=8192;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=4096"}
   ab_install() {  # $1: tag; installs the tree as it is now
     local rc=0
     install_tree "ab_install_$1.log" "build/ab_$1" "" || rc=$?
@@ -107,10 +114,7 @@ if want ab-patch; then  # the tree against itself with each of AB_PATCHES applie
       ab_install "$tag"; rc=$?
       [ "$v" != base ] && patch -s -R -p1 < "$v"
       [ $rc -eq 0 ] || continue
-      python3 -m jax_flashmla.bench --no-naive --reps 5 --cases "$ab_cases" \
-        > "$OUT/ab_${tag}_$r.log" 2>&1
-      note "ab-patch round $r $tag: rc=$?"
-      grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+" "$OUT/ab_${tag}_$r.log" | tee -a "$SUMMARY"
+      ab_bench "ab_${tag}_$r" "ab-patch round $r $tag"
     done
   done
   if [ -n "${AB_KEEP:-}" ]; then
@@ -123,13 +127,9 @@ if want ab-patch; then  # the tree against itself with each of AB_PATCHES applie
 fi
 
 if want ab-tuning; then  # the installed build under each of AB_TUNINGS (JAX_FLASHMLA_TUNING), alternating
-  ab_cases=${AB_CASES:-"s_q=1,h_q=16,s_k=4096;s_q=1,h_q=16,s_k=8192;s_q=1,h_q=16,s_k=32768;s_q=1,h_q=64,s_k=4096"}
   for r in $(seq "${AB_ROUNDS:-2}"); do
     for t in ${AB_TUNINGS:?AB_TUNINGS names the tuning values}; do
-      JAX_FLASHMLA_TUNING=$t python3 -m jax_flashmla.bench --no-naive --reps 5 --cases "$ab_cases" \
-        > "$OUT/ab_tuning_${t}_$r.log" 2>&1
-      note "ab-tuning round $r tuning $t: rc=$?"
-      grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+" "$OUT/ab_tuning_${t}_$r.log" | tee -a "$SUMMARY"
+      JAX_FLASHMLA_TUNING=$t ab_bench "ab_tuning_${t}_$r" "ab-tuning round $r tuning $t"
     done
   done
 fi
