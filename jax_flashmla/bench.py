@@ -223,6 +223,7 @@ class Problem:
     pad: int
     kv: str = "bf16"                      # "bf16" (q's dtype), "fp8_with_scale", "fp8_per_tensor"
     kv_scale: jax.Array | None = None     # fp8_per_tensor only
+    num_sms: int | None = None            # the SM count the metadata was scheduled for
 
     def decode_args(self):
         return (self.q, self.k_cache, self.block_table, self.cache_seqlens, self.tile_md,
@@ -271,7 +272,7 @@ def make_problem(case: Case, dtype, kv: str = "bf16", num_sms: int | None = None
         kv_scale = jnp.float32(BENCH_KV_SCALE) if kv == "fp8_per_tensor" else None
         k_cache = _quantize_pool(k_cache, jnp.float32(BENCH_KV_SCALE), case.b, kv)
     problem = Problem(q, k_cache, jnp.asarray(block_table), cache_seqlens, tile_md, num_splits,
-                      float(lengths.mean()), pad, kv, kv_scale)
+                      float(lengths.mean()), pad, kv, kv_scale, num_sms)
     jax.block_until_ready(problem.decode_args())
     return problem
 
@@ -281,7 +282,7 @@ def make_problem(case: Case, dtype, kv: str = "bf16", num_sms: int | None = None
 # ---------------------------------------------------------------------------------------------
 #: The public call exactly as a user jits it.
 decode_call = jax.jit(flash_mla_with_kvcache,
-                      static_argnames=("head_dim_v", "causal", "is_fp8_kvcache"))
+                      static_argnames=("head_dim_v", "causal", "num_sms", "is_fp8_kvcache"))
 
 
 def _fp8_kwargs(kv: str, kv_scale) -> dict:
@@ -292,20 +293,22 @@ def _fp8_kwargs(kv: str, kv_scale) -> dict:
     return {}
 
 
+# num_sms: the SM count the metadata was scheduled for (None: the device's), so that the call's
+# check of the metadata's part count agrees with a --num-sms schedule.
 def _decode(q, k_cache, block_table, cache_seqlens, tile_md, num_splits, kv_scale=None, *,
-            causal, kv="bf16"):
+            causal, kv="bf16", num_sms=None):
     return decode_call(q, k_cache, block_table, cache_seqlens, head_dim_v=HEAD_DIM_V,
                        tile_scheduler_metadata=tile_md, num_splits=num_splits, causal=causal,
-                       **_fp8_kwargs(kv, kv_scale))
+                       num_sms=num_sms, **_fp8_kwargs(kv, kv_scale))
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "kv"))
+@functools.partial(jax.jit, static_argnames=("causal", "kv", "num_sms"))
 def decode_loop(n, q, k_cache, block_table, cache_seqlens, tile_md, num_splits, kv_scale=None, *,
-                causal, kv="bf16"):
+                causal, kv="bf16", num_sms=None):
     """``n`` decodes in one dispatch; returns the final q (carried through the loop)."""
     def body(_, q_carry):
         out, _ = flash_mla_with_kvcache(q_carry, k_cache, block_table, cache_seqlens, HEAD_DIM_V,
-                                        tile_md, num_splits, causal=causal,
+                                        tile_md, num_splits, causal=causal, num_sms=num_sms,
                                         **_fp8_kwargs(kv, kv_scale))
         # Feed one output element back into q: a loop-carried dependency, so XLA can neither
         # hoist the loop-invariant decode out of the loop nor drop iterations. The in-place
@@ -400,7 +403,8 @@ def time_loop(problem: Problem, causal: bool, *, reps: int, target_s: float,
 
     def run_once() -> float:
         start = time.perf_counter()
-        jax.block_until_ready(decode_loop(n, *args, causal=causal, kv=problem.kv))
+        jax.block_until_ready(decode_loop(n, *args, causal=causal, kv=problem.kv,
+                                          num_sms=problem.num_sms))
         return (time.perf_counter() - start) / iters
 
     run_once()                                           # compile and warm up
@@ -557,7 +561,7 @@ def run_case(case: Case, opts: argparse.Namespace, env: dict, kv: str = "bf16") 
 
     problem = make_problem(case, dtype, kv, opts.num_sms)
     args = problem.decode_args()
-    decode = functools.partial(_decode, causal=case.causal, kv=kv)
+    decode = functools.partial(_decode, causal=case.causal, kv=kv, num_sms=problem.num_sms)
     out, _ = decode(*args)
     jax.block_until_ready(out)
 

@@ -89,11 +89,19 @@ def test_failing_case_is_reported_and_others_run(monkeypatch, capsys):
 
 
 def test_num_sms_sets_the_schedule(capsys):
-    """--num-sms reaches get_mla_metadata: one metadata row per scheduled SM part."""
+    """--num-sms reaches get_mla_metadata (one metadata row per scheduled SM part) and the timed
+    decode calls."""
     import jax.numpy as jnp
     case = bench.Case(b=3, s_q=1, h_q=16, s_k=200)
     assert bench.make_problem(case, jnp.bfloat16, num_sms=7).tile_md.shape == (7, 8)
-    assert bench.make_problem(case, jnp.bfloat16, num_sms=264).tile_md.shape == (264, 8)
+    problem = bench.make_problem(case, jnp.bfloat16, num_sms=264)
+    assert problem.tile_md.shape == (264, 8)
+    # The timed calls pass the same SM count on, so the call's part-count check accepts the
+    # schedule (it rejected every --num-sms other than the device's before).
+    out, _ = bench._decode(*problem.decode_args(), causal=False, num_sms=problem.num_sms)
+    assert out.shape == (3, 1, 16, 512)
+    bench.decode_loop(jnp.int32(2), *problem.decode_args(), causal=False,
+                      num_sms=problem.num_sms).block_until_ready()
     with pytest.raises(SystemExit):
         bench.parse_args(["--num-sms", "0"])
     assert "--num-sms must be >= 1" in capsys.readouterr().err
